@@ -1,0 +1,32 @@
+"""Drop-in Pipecat processors that survive provider connection failures without losing a word.
+
+:class:`ResilientTTS` takes the place of a stock TTS service. It hosts one
+live instance at a time, made by a factory; when the provider's socket drops
+it connects a fresh instance and replays what the listener has not heard yet,
+and the LLM context only ever records words whose audio went out.
+
+The testing kit (local provider emulators with fault plans) lives in
+:mod:`pipecat_resilient.testing`.
+"""
+
+from pipecat_resilient.errors import InvalidState, ReplayFailed, ResilienceError
+from pipecat_resilient.failures import Failure, Verdict
+from pipecat_resilient.ledger import Ledger, State
+from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
+from pipecat_resilient.tts import RecoveryReport, ResilientTTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "Failure",
+    "InvalidState",
+    "Ledger",
+    "RecoveryReport",
+    "ReplayFailed",
+    "ResilienceError",
+    "ResilientTTS",
+    "RetryPolicy",
+    "State",
+    "Verdict",
+]

@@ -1,0 +1,348 @@
+"""Hosting one stock Pipecat service instance at a time inside a processor.
+
+Shared by the resilient shells (:mod:`pipecat_resilient.tts`,
+:mod:`pipecat_resilient.llm`): make an instance with the user's factory,
+take reconnection over from it, link it between two ports that call back
+into the shell, connect it (set-up plus ``StartFrame``) within a deadline,
+retire it so nothing it emits later gets through, and retry connecting under
+a :class:`~pipecat_resilient.policy.RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from loguru import logger
+from pipecat.frames.frames import ErrorFrame, Frame, StartFrame
+from pipecat.pipeline.pipeline import PipelineSink, PipelineSource
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from websockets.protocol import State as SocketState
+
+from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception
+from pipecat_resilient.policy import RetryPolicy
+
+__all__ = ["Episode", "Host", "Hosted", "HostedState"]
+
+S = TypeVar("S", bound=FrameProcessor)
+
+# How long a retired instance may take to tear itself down in the background.
+RETIRE_TIMEOUT_S = 10.0
+
+# A replacement that has been up this long without failing ends the recovery
+# episode, even if it had nothing to say (Pipecat's quick-failure window).
+STABLE_AFTER_S = 5.0
+
+
+class HostedState(Enum):
+    """Where one hosted instance stands."""
+
+    CONNECTING = "connecting"
+    LIVE = "live"
+    RETIRED = "retired"
+
+
+@dataclass(eq=False)
+class Hosted(Generic[S]):
+    """One stock service instance and what the shell knows about it."""
+
+    service: S
+    generation: int
+    state: HostedState = HostedState.CONNECTING
+    inlet: PipelineSource | None = None
+    outlet: PipelineSink | None = None
+    # Failures reported while connecting.
+    failures: list[Failure] = field(default_factory=list)
+    # Frames to drop when they come back out (fed only to drive the instance).
+    swallow: set[int] = field(default_factory=set)
+    # What each fed frame belongs to, until the instance processes it.
+    fed: dict[int, Any] = field(default_factory=dict)
+    # What the frame being processed belongs to.
+    current: Any = None
+    # Context ids of a replay, mapped to the context already open downstream.
+    rewrite: dict[str, str] = field(default_factory=dict)
+    stopping: bool = False
+    live_since: float | None = None
+    produced: bool = False  # made progress (audio, text) since going live
+    word_timestamps: bool = False  # reports word timings after their audio
+
+    def __str__(self) -> str:
+        return f"{self.service}"
+
+
+def socket_open(service: object) -> bool | None:
+    """Whether a websocket service's socket is open; None for other services."""
+    if not hasattr(service, "_websocket"):
+        return None
+    websocket = service._websocket
+    return websocket is not None and websocket.state is SocketState.OPEN
+
+
+def socket_close(service: object) -> tuple[int | None, str]:
+    """The close code and reason of a websocket service's socket, if it closed."""
+    websocket = getattr(service, "_websocket", None)
+    if websocket is None:
+        return None, ""
+    return getattr(websocket, "close_code", None), getattr(websocket, "close_reason", None) or ""
+
+
+class Host(Generic[S]):
+    """Makes, connects and retires instances of one stock service.
+
+    Args:
+        owner: The resilient processor hosting the instances.
+        factory: Zero-argument callable returning a fresh service instance.
+        expected: The class every instance must be an instance of.
+        downstream: Called with ``(hosted, frame)`` for each frame an instance
+            pushes downstream.
+        upstream: Called with ``(hosted, frame)`` for each frame an instance
+            pushes upstream.
+        prepare: Called with each new instance before it is set up, to hook
+            into it.
+    """
+
+    def __init__(
+        self,
+        owner: FrameProcessor,
+        factory: Callable[[], S],
+        expected: type[S],
+        *,
+        downstream: Callable[[Hosted[S], Frame], Awaitable[None]],
+        upstream: Callable[[Hosted[S], Frame], Awaitable[None]],
+        prepare: Callable[[Hosted[S]], None],
+    ) -> None:
+        """Validate ``factory`` by calling it; raises on bad input."""
+        if not callable(factory):
+            raise TypeError(
+                f"{type(owner).__name__}: factory must be a zero-argument callable returning a new "
+                f"{expected.__name__}, got {type(factory).__name__}"
+            )
+        self._owner = owner
+        self._factory = factory
+        self._expected = expected
+        self._downstream = downstream
+        self._upstream = upstream
+        self._prepare = prepare
+        self._generation = 0
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.all: list[Hosted[S]] = []
+        # Build the first instance now, so a factory that raises, returns the
+        # wrong thing or returns the same object twice fails at construction
+        # rather than in the middle of a call.
+        first = self._call_factory(construction=True)
+        second = self._call_factory(construction=True)
+        if second is first:
+            raise ValueError(
+                f"{type(owner).__name__}: factory returned the same {expected.__name__} twice; "
+                "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
+            )
+        self.first: Hosted[S] = self._host(first)
+
+    # -- making ----------------------------------------------------------------
+
+    def _call_factory(self, *, construction: bool = False) -> S:
+        try:
+            service = self._factory()
+        except Exception as exc:
+            if construction:
+                raise ValueError(
+                    f"{type(self._owner).__name__}: the service factory raised {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        if not isinstance(service, self._expected):
+            raise TypeError(
+                f"{type(self._owner).__name__}: factory must return a {self._expected.__name__}, "
+                f"got {type(service).__name__}"
+            )
+        return service
+
+    def make(self) -> Hosted[S]:
+        """Build a fresh instance with the factory (raises what the factory raises)."""
+        return self._host(self._call_factory())
+
+    def _host(self, service: S) -> Hosted[S]:
+        self._generation += 1
+        hosted: Hosted[S] = Hosted(service, self._generation)
+        # Recovery is ours: a stock websocket service that reconnects on its
+        # own hides the drop and never resends what was in flight.
+        if hasattr(service, "_reconnect_on_error"):
+            service._reconnect_on_error = False
+        name = f"{self._owner}::{service}"
+        hosted.inlet = PipelineSource(partial(self._route_up, hosted), name=f"{name}::inlet")
+        hosted.outlet = PipelineSink(partial(self._route_down, hosted), name=f"{name}::outlet")
+        hosted.inlet.link(service)
+        service.link(hosted.outlet)
+        self._prepare(hosted)
+        self.all.append(hosted)
+        return hosted
+
+    async def _route_down(self, hosted: Hosted[S], frame: Frame, direction: FrameDirection) -> None:
+        await self._downstream(hosted, frame)
+
+    async def _route_up(self, hosted: Hosted[S], frame: Frame, direction: FrameDirection) -> None:
+        await self._upstream(hosted, frame)
+
+    # -- connecting ------------------------------------------------------------
+
+    async def set_up(self, hosted: Hosted[S], setup: FrameProcessorSetup, timeout: float | None) -> Failure | None:
+        """Set ``hosted`` up (a websocket service connects here).
+
+        Returns:
+            The failure, if setting up failed or reported a connection error.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await hosted.service.setup(setup)
+        except TimeoutError:
+            return Failure(Verdict.TRANSIENT, "connectivity", f"setting up took more than {timeout:g}s")
+        except Exception as exc:
+            return classify_exception(exc) or Failure(
+                Verdict.SUSPECT, "unknown", f"set-up raised {type(exc).__name__}"
+            )
+        return self._connection_failure(hosted)
+
+    async def start(self, hosted: Hosted[S], frame: StartFrame, timeout: float | None) -> Failure | None:
+        """Give ``hosted`` the ``StartFrame`` and wait until it has processed it.
+
+        Returns:
+            The failure, if starting reported a connection error.
+        """
+        started = asyncio.Event()
+
+        async def done(processor: FrameProcessor, frame: Frame, direction: FrameDirection) -> None:
+            started.set()
+
+        hosted.swallow.add(id(frame))
+        await hosted.service.queue_frame(frame, FrameDirection.DOWNSTREAM, done)
+        try:
+            async with asyncio.timeout(timeout):
+                await started.wait()
+        except TimeoutError:
+            return Failure(Verdict.TRANSIENT, "connectivity", f"starting took more than {timeout:g}s")
+        return self._connection_failure(hosted)
+
+    @staticmethod
+    def _connection_failure(hosted: Hosted[S]) -> Failure | None:
+        if hosted.failures:
+            # The most telling failure: a permanent one wins.
+            return next((f for f in hosted.failures if f.is_permanent), hosted.failures[-1])
+        if socket_open(hosted.service) is False:
+            return Failure(Verdict.TRANSIENT, "connectivity", "no connection after setting up")
+        return None
+
+    # -- retiring --------------------------------------------------------------
+
+    def retire(self, hosted: Hosted[S]) -> None:
+        """Cut ``hosted`` off (nothing it emits gets through) and tear it down in the background."""
+        if hosted.state is HostedState.RETIRED:
+            return
+        hosted.state = HostedState.RETIRED
+        task = asyncio.get_running_loop().create_task(self._tear_down(hosted))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _tear_down(self, hosted: Hosted[S]) -> None:
+        try:
+            async with asyncio.timeout(RETIRE_TIMEOUT_S):
+                await hosted.service.cleanup()
+        except Exception as exc:
+            logger.debug(f"{self._owner}: tearing down {hosted} ended with {type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(ValueError):
+                self.all.remove(hosted)
+
+    async def close(self) -> None:
+        """Tear down every instance still hosted and wait for the ones retiring."""
+        for hosted in list(self.all):
+            if hosted.state is not HostedState.RETIRED:
+                hosted.state = HostedState.RETIRED
+                await self._tear_down(hosted)
+        if self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    @staticmethod
+    def failure_from(hosted: Hosted[S], error: ErrorFrame) -> Failure | None:
+        """Whether an error frame from ``hosted`` reports a connection failure.
+
+        Args:
+            hosted: The instance that pushed it.
+            error: The error frame.
+
+        Returns:
+            The classified failure, or None when the error is not about the
+            connection (the shell passes those on).
+        """
+        failure = classify_exception(error.exception)
+        if failure is not None:
+            return failure
+        category = error.category.value if error.category is not None else "unknown"
+        if error.category is not None and error.category.is_permanent:
+            return Failure(Verdict.PERMANENT, category, error.error[:200])
+        if socket_open(hosted.service) is False:
+            # Pipecat reports a clean close ("connection closed by server")
+            # with no exception; the socket tells the code.
+            code, reason = socket_close(hosted.service)
+            return classify_close(code, reason)
+        if category in ("connectivity", "server", "rate_limit"):
+            return Failure(Verdict.TRANSIENT, category, error.error[:200])
+        if not hosted.service.is_usable:
+            return Failure(Verdict.TRANSIENT, category, "the service wrote itself off")
+        return None
+
+
+@dataclass
+class Episode:
+    """One recovery: from the first drop until a replacement proves itself.
+
+    A replacement that dies before it made progress counts against the same
+    budget, so a provider that accepts connections and drops them at once
+    cannot loop forever.
+    """
+
+    policy: RetryPolicy
+    started: float
+    attempts: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def deadline(self) -> float | None:
+        """When the recovery must be over, or None for no limit."""
+        return None if self.policy.timeout is None else self.started + self.policy.timeout
+
+    def record(self, failure: Failure) -> str | None:
+        """Record a failure; return why to give up, or None to keep trying."""
+        previous = self.failures[-1] if self.failures else None
+        self.failures.append(failure)
+        if failure.is_permanent:
+            return failure.category
+        if failure.verdict is Verdict.SUSPECT and failure.same_as(previous):
+            return "the same failure twice in a row (poison input)"
+        return None
+
+    def next_wait(self, now: float) -> float | None:
+        """Seconds to wait before the next attempt, or None when the budget is spent."""
+        if self.attempts >= self.policy.attempts:
+            return None
+        wait = 0.0
+        if self.attempts:
+            bound = self.policy.wait_bound(self.attempts)
+            wait = self.rng.uniform(0.0, bound) if self.policy.jitter and bound > 0 else bound
+        last = self.failures[-1] if self.failures else None
+        if last is not None and last.retry_after is not None:
+            wait = max(wait, last.retry_after)
+        deadline = self.deadline()
+        if deadline is not None and now + wait >= deadline:
+            return None
+        return wait
+
+
+def now() -> float:
+    """The monotonic clock the shells use."""
+    return time.monotonic()

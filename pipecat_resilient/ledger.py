@@ -1,0 +1,707 @@
+"""Sans-I/O record of what a TTS service was given and what was heard of it.
+
+The :class:`Ledger` knows nothing about sockets, asyncio or Pipecat frames. Its
+caller (the shell, :class:`~pipecat_resilient.tts.ResilientTTS`) feeds it what
+happens - text accepted from upstream, text handed to the provider, audio and
+word timings coming back, a connection lost - and asks it what to do next:
+which frames to feed a fresh service instance (:meth:`Ledger.to_feed`), whether
+the provider has gone quiet (:meth:`Ledger.overdue`), and what could not be
+said when recovery gives up (:meth:`Ledger.gave_up`).
+
+Vocabulary:
+
+* An *utterance* is the unit a listener hears as one piece: an LLM turn (the
+  text between ``LLMFullResponseStartFrame`` and ``LLMFullResponseEndFrame``,
+  or loose text), or one ``TTSSpeakFrame``.
+* The *journal* is everything accepted and not yet settled, in the order it was
+  accepted: the start, text and end *pieces* of utterances, and *passthrough*
+  frames (anything else the service must pass on in order).
+* *Voiced* text is text whose audio is known to have gone downstream: words
+  reported with word timings after their audio, and all of a context once the
+  provider said it was final. A ``TTSTextFrame`` alone is not evidence: Pipecat
+  force-completes unspoken text into one when a context ends.
+* An utterance is *settled* once nothing about it can change any more: its
+  closing frame came out of the service, or its context was reported final.
+
+Time is passed in by the caller (``now``); the ledger never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pipecat_resilient.errors import InvalidState
+
+__all__ = ["Action", "ActionKind", "Ledger", "State", "Utterance", "UtteranceKind"]
+
+# How far past the voiced cursor a word reported by the provider may be found.
+# Word frames carry the text as written, so normally only whitespace separates
+# the cursor from the next word; the slack covers punctuation a text transform
+# removed before synthesis.
+_MATCH_WINDOW_CHARS = 64
+
+
+class State(Enum):
+    """Where the hosted service stands.
+
+    Parameters:
+        LIVE: A service instance is connected and being fed.
+        RECOVERING: The last instance was lost; input is journaled until a
+            fresh one is connected.
+        FAILED: Recovery gave up. Nothing more will be spoken.
+    """
+
+    LIVE = "live"
+    RECOVERING = "recovering"
+    FAILED = "failed"
+
+
+class UtteranceKind(Enum):
+    """What kind of input an utterance came from.
+
+    Parameters:
+        TURN: LLM text, between response start and end frames or loose.
+        SPEAK: One ``TTSSpeakFrame``.
+    """
+
+    TURN = "turn"
+    SPEAK = "speak"
+
+
+@dataclass(eq=False)
+class Utterance:
+    """One utterance in the ledger. Returned by the ledger; do not instantiate directly.
+
+    Attributes:
+        kind: Turn or speak.
+        text: All text accepted for it so far.
+        voiced: How many characters of :attr:`text` are known to be heard.
+        closed: Whether all its text has been accepted (end of turn seen).
+        settled: Whether nothing about it can change any more.
+        source: The frame that opened it (opaque to the ledger).
+        interruptible: Whether an interruption discards it.
+        push_aggregation: Whether the service commits it to the context on its
+            own once spoken (a ``TTSSpeakFrame`` outside a turn).
+        downstream_context: The context id under which it started downstream
+            (a started frame went out and no stopped frame yet), or None.
+    """
+
+    kind: UtteranceKind
+    source: object = None
+    interruptible: bool = True
+    push_aggregation: bool = False
+    text: str = ""
+    voiced: int = 0
+    closed: bool = False
+    settled: bool = False
+    downstream_context: str | None = None
+    # Where the feed into the current instance begins (replay start).
+    fed_from: int = 0
+    # Set once the current instance has processed the closing frame: all text
+    # has been handed to the provider, so a final signal is due.
+    flushed: bool = False
+    # Per-instance evidence, reset when the connection is lost.
+    handed_words: int = 0
+    voiced_words: int = 0
+    had_audio: bool = False
+    stopped: bool = False
+    # Whether a started frame for it went downstream from an instance that
+    # has since been lost (so a replay must not open it again).
+    started_before_loss: bool = False
+
+    def remainder(self) -> str:
+        """Text not yet known to be heard, from the first unvoiced word."""
+        return self.text[_next_word_start(self.text, self.voiced) :]
+
+
+class ActionKind(Enum):
+    """What the shell must feed the service instance.
+
+    Parameters:
+        START: Open the utterance's turn. ``frame`` is the original start frame,
+            or None when it already went downstream and a fresh one (to be
+            swallowed when it comes back out) must be fed instead.
+        TEXT: Feed ``text`` as LLM text of the utterance's turn.
+        SPEAK: Feed ``text`` as a ``TTSSpeakFrame`` like the utterance's source.
+        FRAME: Feed ``frame`` (a passthrough or closing frame) as it is.
+        CLOSE: The utterance started downstream and has nothing left to say:
+            feed a stopped frame for its downstream context (and, if it
+            commits itself, an assistant aggregation push) so the transport
+            and aggregators see it end.
+    """
+
+    START = "start"
+    TEXT = "text"
+    SPEAK = "speak"
+    FRAME = "frame"
+    CLOSE = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing to feed a service instance, produced by :meth:`Ledger.to_feed`."""
+
+    kind: ActionKind
+    utterance: Utterance | None = None
+    text: str = ""
+    frame: object = None
+
+
+class _PieceKind(Enum):
+    START = "start"
+    TEXT = "text"
+    END = "end"
+    SPEAK = "speak"
+    FRAME = "frame"
+
+
+@dataclass(eq=False, slots=True)
+class _Piece:
+    kind: _PieceKind
+    utterance: Utterance | None = None
+    frame: object = None
+    # For TEXT pieces: the span of utterance.text they carried.
+    begin: int = 0
+    end: int = 0
+    interruptible: bool = True
+    fed: bool = False
+    emerged: bool = False
+
+    @property
+    def settled(self) -> bool:
+        if self.utterance is not None and self.utterance.settled:
+            return True
+        return self.kind is _PieceKind.FRAME and self.emerged
+
+
+@dataclass
+class _Liveness:
+    """Instance-wide evidence that the provider is still talking."""
+
+    pending_since: float | None = None  # earliest handing not followed by audio
+    last_activity: float | None = None  # last handing or audio
+    word_timestamps: bool = True
+
+
+@dataclass
+class _Journal:
+    pieces: deque[_Piece] = field(default_factory=deque)
+    by_frame: dict[int, _Piece] = field(default_factory=dict)
+
+
+class Ledger:
+    """Sans-I/O record of text handed to a TTS provider and not yet confirmed heard.
+
+    Feed it events as frames pass (the methods named for what happened), then
+    act on what its outputs return: :meth:`to_feed` after any input,
+    :meth:`overdue` on a timer, :meth:`gave_up` when recovery ends.
+
+    Example::
+
+        ledger = Ledger(first_audio_timeout=2.0, stall_timeout=2.0)
+        u = ledger.speak_accepted(frame, "Hello world.")
+        for action in ledger.to_feed():
+            ...  # feed the service
+        ledger.text_handed(u, "ctx-1", "Hello world.", now=0.0)
+        ledger.audio_received("ctx-1", now=0.3)
+        ledger.words_voiced("ctx-1", "Hello")
+        ledger.connection_lost(now=0.4)
+        ledger.connection_restored()
+        [action] = ledger.to_feed()   # SPEAK "world."
+
+    Args:
+        first_audio_timeout: Seconds the provider may take to send audio after
+            text was handed to it.
+        stall_timeout: Seconds audio may pause while more is due.
+    """
+
+    def __init__(self, *, first_audio_timeout: float = 2.0, stall_timeout: float = 2.0) -> None:
+        """Create an empty ledger in the LIVE state."""
+        self.first_audio_timeout = first_audio_timeout
+        self.stall_timeout = stall_timeout
+        self.state = State.LIVE
+        self._journal = _Journal()
+        self._open_turn: Utterance | None = None
+        self._contexts: dict[str, Utterance] = {}
+        self._liveness = _Liveness()
+
+    # ------------------------------------------------------------------
+    # Inputs: what arrived from upstream.
+    # ------------------------------------------------------------------
+
+    def turn_started(self, frame: object, *, interruptible: bool = True) -> Utterance:
+        """An LLM response started (``frame`` is its start frame)."""
+        self._close_loose_turn()
+        utterance = Utterance(UtteranceKind.TURN, source=frame, interruptible=interruptible)
+        self._open_turn = utterance
+        self._append(_Piece(_PieceKind.START, utterance, frame, interruptible=interruptible))
+        return utterance
+
+    def text_accepted(self, text: str, *, source: object = None, interruptible: bool = True) -> Utterance:
+        """LLM (or loose) text arrived for the open turn; opens a loose turn if none is open."""
+        utterance = self._open_turn
+        if utterance is None:
+            utterance = Utterance(UtteranceKind.TURN, source=source, interruptible=interruptible)
+            self._open_turn = utterance
+        begin = len(utterance.text)
+        utterance.text += text
+        self._append(
+            _Piece(
+                _PieceKind.TEXT,
+                utterance,
+                source,
+                begin=begin,
+                end=len(utterance.text),
+                interruptible=interruptible,
+            )
+        )
+        return utterance
+
+    def turn_ended(self, frame: object, *, interruptible: bool = True) -> Utterance | None:
+        """The open turn ended (``frame`` is its end frame, fed on to the service).
+
+        Returns:
+            The turn it closed, or None when no turn was open (the frame is
+            then journaled as a passthrough frame).
+        """
+        utterance = self._open_turn
+        if utterance is None:
+            self.frame_accepted(frame, interruptible=interruptible)
+            return None
+        self._open_turn = None
+        utterance.closed = True
+        self._append(_Piece(_PieceKind.END, utterance, frame, interruptible=interruptible))
+        return utterance
+
+    def speak_accepted(
+        self,
+        frame: object,
+        text: str,
+        *,
+        interruptible: bool = True,
+        push_aggregation: bool = False,
+    ) -> Utterance:
+        """A ``TTSSpeakFrame`` arrived: an utterance complete in itself."""
+        utterance = Utterance(
+            UtteranceKind.SPEAK,
+            source=frame,
+            interruptible=interruptible,
+            push_aggregation=push_aggregation,
+            text=text,
+            closed=True,
+        )
+        self._append(_Piece(_PieceKind.SPEAK, utterance, frame, interruptible=interruptible))
+        return utterance
+
+    def frame_accepted(self, frame: object, *, interruptible: bool = True, closes_turn: bool = False) -> Utterance | None:
+        """Any other frame the service must pass on, in order.
+
+        Args:
+            frame: The frame.
+            interruptible: Whether an interruption discards it.
+            closes_turn: Whether it ends the open turn as well (an
+                ``EndFrame`` flushes pending text), in which case the turn is
+                settled when this frame comes out of the service.
+
+        Returns:
+            The turn it closed, if any.
+        """
+        closed = None
+        if closes_turn and self._open_turn is not None:
+            closed = self._open_turn
+            self._open_turn = None
+            closed.closed = True
+        self._append(_Piece(_PieceKind.END if closed else _PieceKind.FRAME, closed, frame, interruptible=interruptible))
+        return closed
+
+    def interrupted(self) -> list[Utterance]:
+        """The user interrupted: everything interruptible and unsettled is dropped, never replayed.
+
+        Returns:
+            The utterances dropped.
+        """
+        dropped: list[Utterance] = []
+        kept: deque[_Piece] = deque()
+        for piece in self._journal.pieces:
+            if piece.settled or not piece.interruptible:
+                kept.append(piece)
+                continue
+            self._journal.by_frame.pop(id(piece.frame), None)
+            utterance = piece.utterance
+            if utterance is not None and not utterance.settled and utterance.interruptible:
+                utterance.settled = True
+                dropped.append(utterance)
+        self._journal.pieces = kept
+        if self._open_turn is not None and self._open_turn.interruptible:
+            self._open_turn = None
+        for context_id, utterance in list(self._contexts.items()):
+            if utterance.settled:
+                del self._contexts[context_id]
+        self._trim()
+        if not self._expecting_audio():
+            self._liveness.pending_since = None
+        return list(dict.fromkeys(dropped))
+
+    # ------------------------------------------------------------------
+    # Inputs: what the live service instance did.
+    # ------------------------------------------------------------------
+
+    def text_handed(self, utterance: Utterance | None, context_id: str, text: str, *, now: float) -> None:
+        """The live instance handed ``text`` to its provider under ``context_id``.
+
+        Args:
+            utterance: The utterance being processed when it did, if known.
+            context_id: The provider context id it used.
+            text: The text, as sent (possibly transformed).
+            now: Current time in seconds.
+        """
+        self._require(State.LIVE, "text handed")
+        if utterance is not None and not utterance.settled:
+            self._contexts[context_id] = utterance
+            utterance.handed_words += len(text.split())
+            utterance.stopped = False
+        liveness = self._liveness
+        if liveness.pending_since is None:
+            liveness.pending_since = now
+        liveness.last_activity = now
+
+    def closing_processed(self, utterance: Utterance) -> None:
+        """The live instance finished processing the utterance's closing frame.
+
+        All of its text has been handed over (or dropped as empty), so the
+        provider owes a final signal for it.
+        """
+        if not utterance.settled:
+            utterance.flushed = True
+
+    def audio_received(self, context_id: str | None, *, now: float) -> Utterance | None:
+        """Audio for ``context_id`` came out of the live instance.
+
+        Returns:
+            The utterance it belongs to, if known.
+        """
+        liveness = self._liveness
+        liveness.pending_since = None
+        liveness.last_activity = now
+        utterance = self._contexts.get(context_id) if context_id else None
+        if utterance is not None:
+            utterance.had_audio = True
+        return utterance
+
+    def words_voiced(self, context_id: str | None, text: str) -> int:
+        """Words with timings came out of the live instance after their audio.
+
+        Only call this for services that report word timings; the words must
+        follow audio of the same context.
+
+        Returns:
+            How many characters the voiced cursor advanced.
+        """
+        utterance = self._contexts.get(context_id) if context_id else None
+        if utterance is None or utterance.settled or not utterance.had_audio:
+            return 0
+        before = utterance.voiced
+        count = 0
+        for word in text.split():
+            position = _find_word(utterance.text, word, utterance.voiced)
+            if position is None:
+                break
+            utterance.voiced = position + len(word)
+            count += 1
+        utterance.voiced_words += count
+        return utterance.voiced - before
+
+    def context_stopped(self, context_id: str | None) -> Utterance | None:
+        """The provider reported ``context_id`` final, after all its audio.
+
+        Returns:
+            The utterance it belongs to, if known.
+        """
+        utterance = self._contexts.pop(context_id, None) if context_id else None
+        if utterance is None:
+            return None
+        utterance.stopped = True
+        if utterance.flushed:
+            # Everything was handed over and all of it was synthesized.
+            utterance.voiced = len(utterance.text)
+            if utterance.kind is UtteranceKind.SPEAK:
+                self._settle(utterance)
+        return utterance
+
+    def frame_emerged(self, frame: object) -> bool:
+        """A journaled frame came out of the live instance.
+
+        Returns:
+            True when the frame was journaled (and is now settled).
+        """
+        piece = self._journal.by_frame.pop(id(frame), None)
+        if piece is None:
+            return False
+        piece.emerged = True
+        if piece.kind is _PieceKind.END and piece.utterance is not None:
+            # A turn's closing frame is queued behind its audio, so all of the
+            # turn that will ever be heard has gone downstream.
+            self._settle(piece.utterance)
+        self._trim()
+        return True
+
+    def started_downstream(self, utterance: Utterance, context_id: str) -> None:
+        """A started frame for the utterance went downstream under ``context_id``."""
+        utterance.downstream_context = context_id
+
+    def stopped_downstream(self, utterance: Utterance) -> None:
+        """A stopped frame for the utterance went downstream."""
+        utterance.downstream_context = None
+        utterance.started_before_loss = False
+
+    def utterance_for(self, context_id: str | None) -> Utterance | None:
+        """The utterance a provider context id belongs to, if known."""
+        return self._contexts.get(context_id) if context_id else None
+
+    # ------------------------------------------------------------------
+    # Inputs: connection changes.
+    # ------------------------------------------------------------------
+
+    def connection_lost(self, *, now: float) -> None:
+        """The live instance is gone; everything unsettled must be fed again."""
+        self._require(State.LIVE, "connection lost")
+        self.state = State.RECOVERING
+        self._contexts.clear()
+        self._liveness = _Liveness(word_timestamps=self._liveness.word_timestamps)
+        for piece in self._journal.pieces:
+            piece.fed = False
+        for utterance in self._unsettled_utterances():
+            utterance.fed_from = _next_word_start(utterance.text, utterance.voiced)
+            utterance.flushed = False
+            utterance.handed_words = utterance.voiced_words = 0
+            utterance.had_audio = utterance.stopped = False
+            utterance.started_before_loss = utterance.downstream_context is not None
+
+    def connection_restored(self, *, word_timestamps: bool = True) -> None:
+        """A fresh instance is connected; :meth:`to_feed` now returns the replay.
+
+        Args:
+            word_timestamps: Whether the new instance reports word timings
+                (which lets the stall watchdog tell a finished sentence from a
+                stalled one).
+        """
+        self._require(State.RECOVERING, "connection restored")
+        self.state = State.LIVE
+        self._liveness = _Liveness(word_timestamps=word_timestamps)
+
+    def set_word_timestamps(self, word_timestamps: bool) -> None:
+        """Tell the watchdog whether the live instance reports word timings."""
+        self._liveness.word_timestamps = word_timestamps
+
+    # ------------------------------------------------------------------
+    # Outputs.
+    # ------------------------------------------------------------------
+
+    def to_feed(self) -> list[Action]:
+        """What to feed the live instance now, in order; marks it fed.
+
+        Returns an empty list unless the ledger is LIVE. Right after
+        :meth:`connection_restored` this is the replay: the unvoiced remainder
+        of every unsettled utterance (from the first word without audio), and
+        every frame that had not come out of the lost instance.
+        """
+        if self.state is not State.LIVE:
+            return []
+        actions: list[Action] = []
+        for piece in self._journal.pieces:
+            if piece.fed or piece.settled:
+                continue
+            piece.fed = True
+            action = self._action_for(piece)
+            if action is not None:
+                actions.append(action)
+        return actions
+
+    def overdue(self, *, now: float) -> str | None:
+        """Whether the live instance has gone quiet while it owes audio.
+
+        Returns:
+            Why it is considered stalled, or None while it is fine.
+        """
+        if self.state is not State.LIVE:
+            return None
+        liveness = self._liveness
+        if liveness.pending_since is not None:
+            if now - liveness.pending_since > self.first_audio_timeout:
+                return f"no audio within {self.first_audio_timeout:g}s of text being handed over"
+            return None
+        if liveness.last_activity is None or not self._expecting_audio():
+            return None
+        if now - liveness.last_activity > self.stall_timeout:
+            return f"audio stalled for more than {self.stall_timeout:g}s"
+        return None
+
+    def gave_up(self) -> tuple[list[str], list[object]]:
+        """Recovery gave up: empty the journal.
+
+        Returns:
+            The unheard text of every unsettled utterance, and every journaled
+            frame that never came out of a service (to be passed on directly,
+            in order).
+        """
+        unspoken: list[str] = []
+        frames: list[object] = []
+        seen: set[int] = set()
+        for piece in self._journal.pieces:
+            utterance = piece.utterance
+            if utterance is not None and not utterance.settled and id(utterance) not in seen:
+                seen.add(id(utterance))
+                text = utterance.remainder().strip()
+                if text:
+                    unspoken.append(text)
+            if piece.kind in (_PieceKind.START, _PieceKind.END, _PieceKind.FRAME) and not piece.emerged:
+                if piece.frame is not None:
+                    frames.append(piece.frame)
+        for piece in self._journal.pieces:
+            if piece.utterance is not None:
+                piece.utterance.settled = True
+        self._journal = _Journal()
+        self._contexts.clear()
+        self._open_turn = None
+        self.state = State.FAILED
+        return unspoken, frames
+
+    def revived(self) -> None:
+        """Leave the FAILED state: a fresh instance is about to be connected."""
+        self._require(State.FAILED, "revived")
+        self.state = State.RECOVERING
+
+    def open_downstream(self) -> list[Utterance]:
+        """Unsettled utterances that started downstream and did not stop."""
+        return [u for u in self._unsettled_utterances() if u.downstream_context is not None]
+
+    @property
+    def in_flight(self) -> int:
+        """Number of journaled pieces (memory use grows with this only)."""
+        return len(self._journal.pieces)
+
+    @property
+    def open_turn(self) -> Utterance | None:
+        """The turn currently accepting text, if any."""
+        return self._open_turn
+
+    # ------------------------------------------------------------------
+    # Internals.
+    # ------------------------------------------------------------------
+
+    def _action_for(self, piece: _Piece) -> Action | None:
+        utterance = piece.utterance
+        kind = piece.kind
+        if kind is _PieceKind.FRAME:
+            return Action(ActionKind.FRAME, frame=piece.frame)
+        assert utterance is not None
+        if kind is _PieceKind.START:
+            if not piece.emerged:
+                return Action(ActionKind.START, utterance, frame=piece.frame)
+            # The start already went downstream. The fresh instance still needs
+            # one to keep the rest of the turn in one context, unless nothing
+            # of the turn is left to say.
+            if utterance.closed and not utterance.remainder().strip():
+                return None
+            return Action(ActionKind.START, utterance)
+        if kind is _PieceKind.TEXT:
+            if utterance.fed_from <= piece.begin:
+                # Fed whole: the original frame can go as it is.
+                return Action(ActionKind.TEXT, utterance, utterance.text[piece.begin : piece.end], piece.frame)
+            text = utterance.text[utterance.fed_from : piece.end]
+            return Action(ActionKind.TEXT, utterance, text=text) if text else None
+        if kind is _PieceKind.SPEAK:
+            text = utterance.text[utterance.fed_from :]
+            if text.strip():
+                whole = utterance.fed_from == 0
+                return Action(ActionKind.SPEAK, utterance, text=text, frame=piece.frame if whole else None)
+            # Nothing left to say. If it started downstream, it must still be
+            # seen to stop; either way it is done.
+            close = utterance.downstream_context is not None
+            self._settle(utterance)
+            return Action(ActionKind.CLOSE, utterance) if close else None
+        # END: the closing frame. A turn that started downstream on a lost
+        # instance and has nothing left to say is closed first.
+        if utterance.started_before_loss and not utterance.text[utterance.fed_from :].strip():
+            utterance.started_before_loss = False
+            return Action(ActionKind.CLOSE, utterance, frame=piece.frame)
+        if piece.frame is None:
+            return None
+        return Action(ActionKind.FRAME, utterance, frame=piece.frame)
+
+    def _append(self, piece: _Piece) -> None:
+        self._journal.pieces.append(piece)
+        if piece.frame is not None and piece.kind in (_PieceKind.START, _PieceKind.END, _PieceKind.FRAME):
+            self._journal.by_frame[id(piece.frame)] = piece
+
+    def _settle(self, utterance: Utterance) -> None:
+        utterance.settled = True
+        for context_id in [c for c, u in self._contexts.items() if u is utterance]:
+            del self._contexts[context_id]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Forget settled pieces at the head of the journal."""
+        pieces = self._journal.pieces
+        while pieces and pieces[0].settled:
+            piece = pieces.popleft()
+            if piece.frame is not None:
+                self._journal.by_frame.pop(id(piece.frame), None)
+
+    def _close_loose_turn(self) -> None:
+        # Loose text before a response start stays with what it was: the
+        # service speaks it as part of whatever comes next, and so do we.
+        if self._open_turn is not None and self._open_turn.source is None:
+            self._open_turn.closed = True
+            self._open_turn = None
+
+    def _unsettled_utterances(self) -> Iterator[Utterance]:
+        seen: set[int] = set()
+        for piece in self._journal.pieces:
+            utterance = piece.utterance
+            if utterance is not None and not utterance.settled and id(utterance) not in seen:
+                seen.add(id(utterance))
+                yield utterance
+
+    def _expecting_audio(self) -> bool:
+        """Whether some utterance handed to the live instance still owes audio."""
+        word_timestamps = self._liveness.word_timestamps
+        for utterance in set(self._contexts.values()):
+            if utterance.settled or utterance.stopped or utterance.handed_words == 0:
+                continue
+            if utterance.flushed:
+                return True
+            # With word timings, more than the trailing word of the handed text
+            # still unconfirmed means audio is due. (The last word of a sentence
+            # is confirmed only by the next chunk or the final signal.)
+            if word_timestamps and utterance.handed_words - utterance.voiced_words >= 2:
+                return True
+        return False
+
+    def _require(self, state: State, what: str) -> None:
+        if self.state is not state:
+            raise InvalidState(f"{what} while {self.state.name.lower()}")
+
+
+def _next_word_start(text: str, position: int) -> int:
+    """The index of the first non-space character at or after ``position``."""
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def _find_word(text: str, word: str, start: int) -> int | None:
+    """Find ``word`` as a whole whitespace-delimited token near ``start``."""
+    limit = _next_word_start(text, start) + _MATCH_WINDOW_CHARS
+    position = text.find(word, start)
+    while 0 <= position <= limit:
+        end = position + len(word)
+        at_start = position == 0 or text[position - 1].isspace()
+        at_end = end == len(text) or text[end].isspace()
+        if at_start and at_end:
+            return position
+        position = text.find(word, position + 1)
+    return None

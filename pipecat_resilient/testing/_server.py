@@ -1,0 +1,300 @@
+"""The websocket server all emulators share: connections, records and faults.
+
+An emulator subclasses :class:`WebsocketEmulator` and implements
+:meth:`WebsocketEmulator.serve_connection` for its protocol. This module
+counts handshakes, refuses the ones a :class:`~.faults.FaultPlan` says to
+refuse, checks the API key, and carries out the planned close, abort and stall
+faults on each connection, on the triggers the plan names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
+
+__all__ = ["ConnectionRecord", "WebsocketEmulator"]
+
+
+@dataclass
+class ConnectionRecord:
+    """What happened on one connection, for tests to inspect.
+
+    Parameters:
+        index: The connection's number (0-based, in handshake order).
+        path: The request path and query.
+        refused: The HTTP status it was refused with, if it was.
+        texts: Text messages received, as ``(context_id, text)``.
+        messages: Every parsed message received, in order.
+        audio_chunks: Audio messages sent.
+        fault: The fault carried out on it, if any.
+        closed: Whether the connection has ended.
+    """
+
+    index: int
+    path: str = ""
+    refused: int | None = None
+    texts: list[tuple[str | None, str]] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)
+    audio_chunks: int = 0
+    fault: Fault | None = None
+    closed: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+class _Faulted(Exception):
+    """Raised inside a connection's tasks once a fault has been carried out."""
+
+
+class ConnectionState:
+    """Per-connection fault bookkeeping, handed to the protocol handler."""
+
+    def __init__(self, emulator: WebsocketEmulator, ws: ServerConnection, record: ConnectionRecord) -> None:
+        self.emulator = emulator
+        self.ws = ws
+        self.record = record
+        self.faults = [f for f in emulator.plan.for_connection(record.index) if f.kind is not FaultKind.REFUSE]
+        self.text_messages = 0
+        self.faulted = asyncio.Event()
+        self._timers: list[asyncio.Task[None]] = []
+        self._fired: set[int] = set()
+
+    @property
+    def first_audio_delay(self) -> float:
+        """Extra delay before the first audio of each message."""
+        return sum(f.seconds for f in self.faults if f.kind is FaultKind.DELAY_FIRST_AUDIO)
+
+    def start_timers(self) -> None:
+        for index, fault in enumerate(self.faults):
+            if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
+                continue
+            if fault.after_seconds is not None:
+                self._timers.append(asyncio.create_task(self._after(index, fault, fault.after_seconds)))
+            elif fault.immediate:
+                self._timers.append(asyncio.create_task(self._after(index, fault, 0.0)))
+
+    async def _after(self, index: int, fault: Fault, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.fire(index, fault)
+
+    def stop_timers(self) -> None:
+        for task in self._timers:
+            task.cancel()
+
+    async def audio_sent(self) -> None:
+        """Count an audio message; carry out a fault it triggers. Raises if faulted."""
+        self.record.audio_chunks += 1
+        await self._check("after_audio_chunks", self.record.audio_chunks)
+
+    async def text_received(self) -> None:
+        """Count a text message; carry out a fault it triggers. Raises if faulted."""
+        self.text_messages += 1
+        await self._check("after_text_messages", self.text_messages)
+
+    async def _check(self, trigger: str, count: int) -> None:
+        for index, fault in enumerate(self.faults):
+            if getattr(fault, trigger) == count:
+                await self.fire(index, fault)
+        if self.faulted.is_set():
+            raise _Faulted()
+
+    async def fire(self, index: int, fault: Fault) -> None:
+        """Carry out ``fault`` on this connection (once)."""
+        if index in self._fired or self.faulted.is_set() and fault.kind is not FaultKind.GO_AWAY:
+            return
+        self._fired.add(index)
+        if fault.kind is FaultKind.GO_AWAY:
+            await self.emulator.send_go_away(self, fault)
+            return
+        self.record.fault = fault
+        self.faulted.set()
+        logger.debug(f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}")
+        if fault.kind is FaultKind.CLOSE:
+            # Close without waiting for the client's answer to our close frame.
+            task = asyncio.create_task(self.ws.close(fault.code, fault.reason))
+            self.emulator.track(task)
+        elif fault.kind is FaultKind.ABORT:
+            self.ws.transport.abort()
+        elif fault.kind is FaultKind.STALL:
+            # Half-open: nothing read (so no pings answered), nothing sent.
+            self.ws.transport.pause_reading()
+
+    async def send(self, message: str | bytes) -> None:
+        """Send unless a fault has silenced the connection."""
+        if self.faulted.is_set():
+            raise _Faulted()
+        await self.ws.send(message)
+
+
+class WebsocketEmulator:
+    """Base class of the provider emulators: a websocket server on 127.0.0.1, port 0.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+
+    Args:
+        plan: The faults to inject; none when omitted.
+        api_key: When set, handshakes must carry it (in :attr:`api_key_header`)
+            or are refused with HTTP 401.
+        ssl_context: Serve TLS (``wss``) with this server context.
+    """
+
+    name = "emulator"
+    api_key_header = "x-api-key"
+    scheme = "ws"
+
+    def __init__(
+        self,
+        *,
+        plan: FaultPlan | None = None,
+        api_key: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Create a stopped emulator."""
+        self.plan = plan or FaultPlan()
+        self.api_key = api_key
+        self._ssl = ssl_context
+        self.connections: list[ConnectionRecord] = []
+        self._server: Server | None = None
+        self._states: list[ConnectionState] = []
+        self._records: dict[int, ConnectionRecord] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connected = asyncio.Condition()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> WebsocketEmulator:
+        """Start listening on an ephemeral port of 127.0.0.1."""
+        self._server = await serve(
+            self._handle,
+            "127.0.0.1",
+            0,
+            process_request=self._process_request,
+            ssl=self._ssl,
+            ping_interval=None,
+            max_size=None,
+            close_timeout=1.0,
+        )
+        return self
+
+    async def stop(self) -> None:
+        """Stop the server and drop every connection at once."""
+        for state in self._states:
+            with contextlib.suppress(Exception):
+                state.ws.transport.abort()
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> WebsocketEmulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port the emulator listens on."""
+        if self._server is None:
+            raise RuntimeError(f"{self.name} is not running")
+        sockets = list(self._server.sockets)
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL to give the stock service (``ws://127.0.0.1:PORT``)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task alive until it finishes or the emulator stops."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def inject(self, fault: Fault, connection: int | None = None) -> None:
+        """Carry out ``fault`` now on an open connection (the latest when None).
+
+        Its trigger and connection fields are ignored. Useful for a drop
+        between utterances, when no message would trigger a planned fault.
+        """
+        states = [s for s in self._states if not s.record.closed]
+        if connection is not None:
+            states = [s for s in states if s.record.index == connection]
+        if not states:
+            raise RuntimeError(f"{self.name}: no open connection to inject {fault.kind.value} into")
+        await states[-1].fire(-1 - len(states[-1]._fired), fault)
+
+    async def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until at least ``count`` handshakes have arrived."""
+        async with self._connected:
+            await asyncio.wait_for(self._connected.wait_for(lambda: len(self.connections) >= count), timeout)
+
+    # -- handshake ---------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        record = ConnectionRecord(index=len(self.connections), path=request.path)
+        self.connections.append(record)
+        self._records[id(connection)] = record
+        self._notify()
+        refusal = self.plan.refusal(record.index)
+        if refusal is not None:
+            record.refused = refusal.status
+            record.closed = True
+            response = connection.respond(refusal.status, refusal.reason or f"refused by {self.name}\n")
+            for key, value in refusal.headers.items():
+                response.headers[key] = value
+            return response
+        if self.api_key is not None and request.headers.get(self.api_key_header) != self.api_key:
+            record.refused = 401
+            record.closed = True
+            return connection.respond(401, '{"detail": "invalid api key"}\n')
+        return None
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._connected:
+                self._connected.notify_all()
+
+        with contextlib.suppress(RuntimeError):
+            self.track(asyncio.get_running_loop().create_task(notify()))
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        record = self._records.pop(id(ws))
+        state = ConnectionState(self, ws, record)
+        self._states.append(state)
+        state.start_timers()
+        try:
+            await self.serve_connection(state)
+        except (_Faulted, ConnectionClosed):
+            pass
+        finally:
+            if state.faulted.is_set() and state.record.fault is not None:
+                if state.record.fault.kind is FaultKind.STALL:
+                    # Stay half-open until the client gives up on us.
+                    with contextlib.suppress(Exception):
+                        await ws.wait_closed()
+            state.stop_timers()
+            record.closed = True
+
+    # -- protocol ----------------------------------------------------------
+
+    async def serve_connection(self, state: ConnectionState) -> None:
+        """Speak the provider protocol on one connection. Implemented by emulators."""
+        raise NotImplementedError
+
+    async def send_go_away(self, state: ConnectionState, fault: Fault) -> None:
+        """Announce a close (protocols that have such a message)."""

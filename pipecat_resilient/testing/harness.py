@@ -1,0 +1,309 @@
+"""Run a TTS processor in a real pipeline and see what a listener heard.
+
+:class:`Scenario` builds ``recorder -> tts -> listener -> assistant aggregator``,
+runs it with a :class:`~pipecat.pipeline.worker.PipelineWorker`, lets a test
+push frames and wait on conditions, and reports:
+
+* what a listener at the end of the pipeline *heard*, decoded from the audio
+  (:mod:`pipecat_resilient.testing.speech`), never from text frames;
+* what the LLM context received, from Pipecat's own assistant aggregator;
+* what went upstream (errors) and the order of the TTS frames downstream.
+
+Example::
+
+    async with ElevenLabsEmulator(plan=plan) as emulator:
+        async with Scenario(ResilientTTS(make_tts), spc=emulator.samples_per_char(24000)) as run:
+            await run.send(TTSSpeakFrame("Hello there, how are you today?"))
+            await run.wait_until(lambda: run.listener.stopped == 1)
+        assert run.heard == ["Hello", "there,", "how", "are", "you", "today?"]
+        assert run.context_text == "Hello there, how are you today?"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pipecat.frames.frames import (
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    InterruptionFrame,
+    LLMFullResponseEndFrame,
+    LLMFullResponseStartFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_resilient.testing.speech import SpeechDecoder
+
+__all__ = ["Listener", "Scenario", "UpstreamRecorder"]
+
+
+@dataclass
+class _Mark:
+    """One event seen by the listener, with when it arrived."""
+
+    kind: str
+    at: float
+    detail: str = ""
+
+
+class Listener(FrameProcessor):
+    """Stands where the output transport would, and decodes what it hears.
+
+    Args:
+        spc: Samples per character of the emulator's speech code.
+        **kwargs: Passed to ``FrameProcessor``.
+    """
+
+    def __init__(self, spc: int, **kwargs: object) -> None:
+        """Create a listener."""
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.decoder = SpeechDecoder(spc)
+        self.spc = spc
+        self.marks: list[_Mark] = []
+        self.started = 0
+        self.stopped = 0
+        self.responses_started = 0
+        self.responses_ended = 0
+        self.audio_frames = 0
+        self.audio_bytes = 0
+        self.context_words: list[str] = []
+        self.first_audio_at: float | None = None
+        self.audio_times: list[tuple[float, int]] = []
+        self._changed = asyncio.Condition()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Record the frame, then pass it on."""
+        await super().process_frame(frame, direction)
+        if direction is FrameDirection.DOWNSTREAM:
+            self._record(frame)
+        await self.push_frame(frame, direction)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _record(self, frame: Frame) -> None:
+        now = time.monotonic()
+        if isinstance(frame, TTSAudioRawFrame):
+            self.decoder.feed(frame.audio)
+            self.audio_frames += 1
+            self.audio_bytes += len(frame.audio)
+            self.audio_times.append((now, len(frame.audio)))
+            if self.first_audio_at is None:
+                self.first_audio_at = now
+            if not self.marks or self.marks[-1].kind != "audio":
+                self.marks.append(_Mark("audio", now))
+        elif isinstance(frame, TTSStartedFrame):
+            self.started += 1
+            self.marks.append(_Mark("started", now, frame.context_id or ""))
+        elif isinstance(frame, TTSStoppedFrame):
+            self.stopped += 1
+            self.marks.append(_Mark("stopped", now, frame.context_id or ""))
+        elif isinstance(frame, TTSTextFrame):
+            if frame.append_to_context:
+                self.context_words.extend(frame.text.split())
+            self.marks.append(_Mark("text", now, frame.text))
+        elif isinstance(frame, LLMFullResponseStartFrame):
+            self.responses_started += 1
+            self.marks.append(_Mark("response-start", now))
+        elif isinstance(frame, LLMFullResponseEndFrame):
+            self.responses_ended += 1
+            self.marks.append(_Mark("response-end", now))
+        elif isinstance(frame, InterruptionFrame):
+            self.marks.append(_Mark("interruption", now))
+
+    @property
+    def heard(self) -> list[str]:
+        """Words heard in full, in order."""
+        return self.decoder.heard()
+
+    @property
+    def fragments(self) -> list[str]:
+        """Words heard only in part."""
+        return self.decoder.fragments()
+
+    def kinds(self) -> list[str]:
+        """The order of started/stopped/response marks (audio and text collapsed)."""
+        return [m.kind for m in self.marks if m.kind not in ("audio", "text")]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds (checked after every frame).
+
+        Raises:
+            TimeoutError: If it does not hold within ``timeout`` seconds.
+        """
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+
+class UpstreamRecorder(FrameProcessor):
+    """Heads the pipeline and records what comes back upstream (errors above all)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        """Create a recorder."""
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.frames: list[Frame] = []
+        self._changed = asyncio.Condition()
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Record upstream frames, then pass everything on."""
+        await super().process_frame(frame, direction)
+        if direction is FrameDirection.UPSTREAM:
+            self.frames.append(frame)
+        await self.push_frame(frame, direction)
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def errors(self) -> list[ErrorFrame]:
+        """Error frames that reached the head of the pipeline."""
+        return [f for f in self.frames if isinstance(f, ErrorFrame)]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds (checked after every upstream frame)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+
+@dataclass
+class Scenario:
+    """A pipeline around one TTS processor, with a listener and a real context.
+
+    Args:
+        tts: The processor under test (a stock service or a resilient one).
+        spc: Samples per character of the emulator's speech code.
+        sample_rate: Output sample rate of the pipeline.
+    """
+
+    tts: FrameProcessor
+    spc: int
+    sample_rate: int = 24000
+    listener: Listener = field(init=False)
+    recorder: UpstreamRecorder = field(init=False)
+    context: LLMContext = field(init=False)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _worker: PipelineWorker | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.listener = Listener(self.spc, name="Listener")
+        self.recorder = UpstreamRecorder(name="UpstreamRecorder")
+        self.context = LLMContext()
+
+    async def __aenter__(self) -> Scenario:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.end()
+        else:
+            await self.cancel()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Build and start the pipeline; return once the StartFrame got through."""
+        aggregator = LLMContextAggregatorPair(self.context).assistant()
+        pipeline = Pipeline([self.recorder, self.tts, self.listener, aggregator])
+        self._worker = PipelineWorker(
+            pipeline,
+            params=PipelineParams(audio_out_sample_rate=self.sample_rate),
+            cancel_on_idle_timeout=False,
+            check_dangling_tasks=False,
+        )
+        started = asyncio.Event()
+
+        @self._worker.event_handler("on_pipeline_started")
+        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
+            started.set()
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self._worker)
+        self._task = asyncio.create_task(runner.run())
+        waiter = asyncio.create_task(started.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if self._task in done:
+                self._task.result()
+            raise TimeoutError("the pipeline did not start")
+
+    async def send(self, *frames: Frame) -> None:
+        """Push frames in at the head of the pipeline, in order."""
+        assert self._worker is not None, "start() first"
+        for frame in frames:
+            await self._worker.queue_frame(frame)
+
+    async def send_all(self, frames: Iterable[Frame]) -> None:
+        """Push every frame of ``frames`` in order."""
+        await self.send(*frames)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; checked whenever a frame reaches the listener."""
+        await self.listener.wait_until(predicate, timeout)
+
+    async def wait_heard(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until the listener has heard at least ``count`` whole words."""
+        await self.wait_until(lambda: len(self.listener.heard) >= count, timeout)
+
+    async def end(self, timeout: float = 20.0) -> None:
+        """Send an EndFrame and wait for the pipeline to finish."""
+        if self._task is None or self._worker is None:
+            return
+        await self._worker.queue_frame(EndFrame())
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        self._task = None
+
+    async def cancel(self) -> None:
+        """Cancel the pipeline at once."""
+        if self._task is None or self._worker is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._worker.cancel(), 5.0)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._task, 5.0)
+        self._task = None
+
+    @property
+    def heard(self) -> list[str]:
+        """Words the listener heard in full."""
+        return self.listener.heard
+
+    @property
+    def errors(self) -> list[ErrorFrame]:
+        """Error frames that reached the head of the pipeline."""
+        return self.recorder.errors
+
+    @property
+    def context_messages(self) -> list[str]:
+        """The assistant messages the LLM context received, in order."""
+        texts = []
+        for message in self.context.get_messages():
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                content = message.get("content")
+                if isinstance(content, str):
+                    texts.append(content)
+                elif isinstance(content, list):
+                    texts.append(" ".join(part.get("text", "") for part in content if isinstance(part, dict)))
+        return texts
+
+    @property
+    def context_text(self) -> str:
+        """All assistant text the context received, joined by spaces."""
+        return " ".join(self.context_messages)
+
+    @property
+    def context_words(self) -> list[str]:
+        """The assistant text the context received, as words."""
+        return self.context_text.split()
