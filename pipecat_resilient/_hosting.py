@@ -46,6 +46,7 @@ class HostedState(Enum):
 
     CONNECTING = "connecting"
     LIVE = "live"
+    DRAINING = "draining"  # failed; still pushing out what it had already received
     RETIRED = "retired"
 
 
@@ -72,6 +73,9 @@ class Hosted(Generic[S]):
     live_since: float | None = None
     produced: bool = False  # made progress (audio, text) since going live
     word_timestamps: bool = False  # reports word timings after their audio
+    # Set once a failed instance has pushed out what it had received.
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    drain_marker: int | None = None
 
     def __str__(self) -> str:
         return f"{self.service}"
@@ -239,11 +243,23 @@ class Host(Generic[S]):
 
     # -- retiring --------------------------------------------------------------
 
-    def retire(self, hosted: Hosted[S]) -> None:
-        """Cut ``hosted`` off (nothing it emits gets through) and tear it down in the background."""
+    def retire(self, hosted: Hosted[S], *, abort: bool = True) -> None:
+        """Cut ``hosted`` off (nothing it emits gets through) and tear it down in the background.
+
+        Args:
+            hosted: The instance.
+            abort: Drop its socket at once instead of closing it politely: a
+                failed connection has nothing to say, and a half-open one
+                would hold the teardown for the service's close timeouts.
+        """
         if hosted.state is HostedState.RETIRED:
             return
         hosted.state = HostedState.RETIRED
+        if abort:
+            websocket = getattr(hosted.service, "_websocket", None)
+            transport = getattr(websocket, "transport", None)
+            if transport is not None:
+                transport.abort()
         task = asyncio.get_running_loop().create_task(self._tear_down(hosted))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

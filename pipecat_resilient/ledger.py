@@ -466,19 +466,26 @@ class Ledger:
     # ------------------------------------------------------------------
 
     def connection_lost(self, *, now: float) -> None:
-        """The live instance is gone; everything unsettled must be fed again."""
+        """The live instance failed; nothing more is handed to it.
+
+        Audio it had already received may still come out of it (the shell
+        drains it, so none of it is wasted): evidence keeps being recorded
+        until :meth:`drained`. What to replay is worked out at
+        :meth:`connection_restored`, from all of that evidence.
+        """
         self._require(State.LIVE, "connection lost")
         self.state = State.RECOVERING
-        self._contexts.clear()
         self._liveness = _Liveness(word_timestamps=self._liveness.word_timestamps)
         for piece in self._journal.pieces:
             piece.fed = False
+
+    def drained(self) -> None:
+        """The lost instance has pushed out everything it had received; forget its contexts."""
+        self._contexts.clear()
         for utterance in self._unsettled_utterances():
-            utterance.fed_from = _next_word_start(utterance.text, utterance.voiced)
             utterance.flushed = False
             utterance.handed_words = utterance.voiced_words = 0
             utterance.had_audio = utterance.stopped = False
-            utterance.started_before_loss = utterance.downstream_context is not None
 
     def connection_restored(self, *, word_timestamps: bool = True) -> None:
         """A fresh instance is connected; :meth:`to_feed` now returns the replay.
@@ -489,8 +496,13 @@ class Ledger:
                 stalled one).
         """
         self._require(State.RECOVERING, "connection restored")
+        if self._contexts:
+            self.drained()
         self.state = State.LIVE
         self._liveness = _Liveness(word_timestamps=word_timestamps)
+        for utterance in self._unsettled_utterances():
+            utterance.fed_from = _next_word_start(utterance.text, utterance.voiced)
+            utterance.started_before_loss = utterance.downstream_context is not None
 
     def set_word_timestamps(self, word_timestamps: bool) -> None:
         """Tell the watchdog whether the live instance reports word timings."""

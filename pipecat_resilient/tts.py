@@ -21,6 +21,7 @@ from typing import Any
 from loguru import logger
 from pipecat.frames.frames import (
     CancelFrame,
+    ControlFrame,
     EagerTranscriptionFrame,
     EndFrame,
     ErrorFrame,
@@ -53,6 +54,15 @@ from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utteranc
 from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
+
+# How long a failed instance may take to push out the audio it had already
+# received. It is in memory, so this is a safety bound, not a wait.
+DRAIN_TIMEOUT_S = 0.5
+
+
+@dataclass
+class _DrainMarker(ControlFrame):
+    """Appended behind a failed instance's received audio; marks where to cut it off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +162,7 @@ class ResilientTTS(FrameProcessor):
         self._feed_lock = asyncio.Lock()
         self._watchdog_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
+        self._draining: Hosted[TTSService] | None = None
         self._host: Host[TTSService] = Host(
             self,
             factory,
@@ -468,8 +479,20 @@ class ResilientTTS(FrameProcessor):
         service.add_event_handler("on_tts_request", tts_request)
 
     async def _on_instance_downstream(self, hosted: Hosted[TTSService], frame: Frame) -> None:
+        if hosted.state is HostedState.DRAINING:
+            # A failed instance pushes out what it had received before it
+            # failed, up to the marker; that audio is real and was heard.
+            if id(frame) == hosted.drain_marker:
+                hosted.drained.set()
+            else:
+                await self._deliver(hosted, frame)
+            return
         if hosted is not self._live:
             return
+        await self._deliver(hosted, frame)
+
+    async def _deliver(self, hosted: Hosted[TTSService], frame: Frame) -> None:
+        """Record the evidence a frame carries, then pass it downstream."""
         if id(frame) in hosted.swallow:
             hosted.swallow.discard(id(frame))
             return
@@ -478,7 +501,8 @@ class ResilientTTS(FrameProcessor):
         context_id = getattr(frame, "context_id", None)
         if isinstance(frame, TTSAudioRawFrame):
             ledger.audio_received(context_id, now=now())
-            self._progress(hosted)
+            if hosted is self._live:
+                self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):
             if hosted.word_timestamps:
                 ledger.words_voiced(context_id, frame.text)
@@ -539,19 +563,45 @@ class ResilientTTS(FrameProcessor):
     # ------------------------------------------------------------------
 
     async def _lost(self, hosted: Hosted[TTSService], failure: Failure) -> None:
-        """The live instance failed: cut it off and start recovering."""
+        """The live instance failed: stop feeding it, drain it, and start recovering."""
         if hosted is not self._live:
             return
-        # Decide synchronously, before any await lets the dead instance emit.
+        # Decide synchronously, before any await lets the failed instance emit.
         self._live = None
-        self._host.retire(hosted)
+        hosted.state = HostedState.DRAINING
+        self._draining = hosted
         self._ledger.connection_lost(now=now())
         self._lost_at = now()
         logger.warning(f"{self}: lost {hosted.service} ({failure.description}); recovering")
+        self.create_task(self._drain(hosted), name="drain")
         if self._ended:
             return
         self._recovery_task = self.create_task(self._recover(failure), name="recovery")
         await self._call_event_handler("on_connection_lost", failure)
+
+    async def _drain(self, hosted: Hosted[TTSService]) -> None:
+        """Let a failed instance push out the audio it had received, then cut it off."""
+        service = hosted.service
+        try:
+            context_id = service.get_active_audio_context_id()
+            if context_id and service.audio_context_available(context_id):
+                marker = _DrainMarker()
+                hosted.drain_marker = id(marker)
+                await service.append_to_audio_context(context_id, marker)
+                await asyncio.wait_for(hosted.drained.wait(), DRAIN_TIMEOUT_S)
+        except Exception as exc:
+            logger.debug(f"{self}: draining {service} ended early ({type(exc).__name__})")
+        finally:
+            hosted.drained.set()
+            if self._ledger.state is State.RECOVERING:
+                self._ledger.drained()
+            self._host.retire(hosted)
+
+    async def _drained(self) -> None:
+        """Wait until the last failed instance is drained (its evidence counts for the replay)."""
+        draining = self._draining
+        if draining is not None:
+            await draining.drained.wait()
 
     async def _recover(self, failure: Failure | None) -> None:
         if self._episode is None:
@@ -599,6 +649,7 @@ class ResilientTTS(FrameProcessor):
         if self._ended:
             self._host.retire(hosted)
             return
+        await self._drained()
         hosted.state = HostedState.LIVE
         hosted.live_since = now()
         self._live = hosted
@@ -613,6 +664,7 @@ class ResilientTTS(FrameProcessor):
         await self._call_event_handler("on_connection_recovered", report)
 
     async def _give_up(self, reason: str, episode: Episode) -> None:
+        await self._drained()
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
         unspoken, frames = self._ledger.gave_up()
         self._episode = None

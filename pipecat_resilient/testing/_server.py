@@ -68,6 +68,7 @@ class ConnectionState:
         self.faulted = asyncio.Event()
         self._timers: list[asyncio.Task[None]] = []
         self._fired: set[int] = set()
+        self.closing: asyncio.Task[None] | None = None
 
     @property
     def first_audio_delay(self) -> float:
@@ -120,9 +121,10 @@ class ConnectionState:
         self.faulted.set()
         logger.debug(f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}")
         if fault.kind is FaultKind.CLOSE:
-            # Close without waiting for the client's answer to our close frame.
-            task = asyncio.create_task(self.ws.close(fault.code, fault.reason))
-            self.emulator.track(task)
+            # Closed in the background (the caller may be the reader); the
+            # handler waits for it, so its own return cannot close with 1000.
+            self.closing = asyncio.create_task(self.ws.close(fault.code, fault.reason))
+            self.emulator.track(self.closing)
         elif fault.kind is FaultKind.ABORT:
             self.ws.transport.abort()
         elif fault.kind is FaultKind.STALL:
@@ -282,6 +284,9 @@ class WebsocketEmulator:
         except (_Faulted, ConnectionClosed):
             pass
         finally:
+            if state.closing is not None:
+                with contextlib.suppress(Exception):
+                    await state.closing
             if state.faulted.is_set() and state.record.fault is not None:
                 if state.record.fault.kind is FaultKind.STALL:
                     # Stay half-open until the client gives up on us.
