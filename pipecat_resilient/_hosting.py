@@ -144,7 +144,7 @@ class Host(Generic[S]):
         second = self._call_factory(construction=True)
         if second is first:
             raise ValueError(
-                f"{type(owner).__name__}: factory returned the same {expected.__name__} twice; "
+                f"{type(owner).__name__}: factory returned the same {type(first).__name__} twice; "
                 "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
             )
         self.first: Hosted[S] = self._host(first)

@@ -188,7 +188,7 @@ def classify_status(status: int, headers: Mapping[str, str] | None = None, *, no
     Returns:
         The classified failure.
     """
-    retry_after = parse_retry_after((headers or {}).get("Retry-After"), now=now)
+    retry_after = parse_retry_after(_header(headers, "Retry-After"), now=now)
     detail = f"HTTP {status}"
     if status == 401:
         return Failure(Verdict.PERMANENT, "authentication", f"{detail}: authentication failed", status)
@@ -205,6 +205,14 @@ def classify_status(status: int, headers: Mapping[str, str] | None = None, *, no
     if 500 <= status < 600:
         return Failure(Verdict.TRANSIENT, "server", f"{detail}: provider error", status, retry_after)
     return Failure(Verdict.SUSPECT, "unknown", f"{detail}: unexpected status", status)
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header value, looked up without regard to case."""
+    if not headers:
+        return None
+    name = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == name), None)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -252,7 +260,7 @@ def classify_exception(exc: BaseException | None) -> Failure | None:
         return classify_close(code, reason)
     if isinstance(exc, InvalidStatus):
         response = exc.response
-        return classify_status(response.status_code, dict(response.headers))
+        return classify_status(response.status_code, response.headers)
     if isinstance(exc, InvalidHandshake):
         return Failure(Verdict.TRANSIENT, "connectivity", f"handshake failed: {type(exc).__name__}")
     if isinstance(exc, TimeoutError):

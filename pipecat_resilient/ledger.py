@@ -523,7 +523,8 @@ class Ledger:
         if self.state is not State.LIVE:
             return []
         actions: list[Action] = []
-        for piece in self._journal.pieces:
+        # A snapshot: settling an utterance trims the journal.
+        for piece in list(self._journal.pieces):
             if piece.fed or piece.settled:
                 continue
             piece.fed = True

@@ -409,3 +409,27 @@ async def test_ledger_forgets_what_was_heard() -> None:
         frames = [TTSSpeakFrame(SENTENCE), *turn(TURN_TOKENS), TTSSpeakFrame(SECOND)]
         await run_until_heard(emulator, tts, frames, words(SENTENCE, TURN, SECOND), utterances=3)
         assert tts.ledger.in_flight == 0
+
+
+async def test_gives_up_into_a_service_switcher_failover() -> None:
+    """Once it gives up it is unusable, so a failover ServiceSwitcher moves to the backup."""
+    from pipecat.pipeline.service_switcher import ServiceSwitcher, ServiceSwitcherStrategyFailover
+
+    async with ElevenLabsEmulator(api_key="right") as primary_emulator, ElevenLabsEmulator() as backup_emulator:
+        primary = resilient(primary_emulator, api_key="wrong")
+        backup = resilient(backup_emulator)
+        switcher = ServiceSwitcher([primary, backup], strategy_type=ServiceSwitcherStrategyFailover)
+        gave_up = asyncio.Event()
+        primary.add_event_handler("on_connection_given_up", lambda *_: gave_up.set())
+        run = Scenario(switcher, spc=backup_emulator.samples_per_char(SAMPLE_RATE))
+        await run.start()
+        await asyncio.wait_for(gave_up.wait(), 50 * UNIT)
+        assert switcher.strategy.active_service is backup
+        await run.send(TTSSpeakFrame(SECOND))
+        await run.wait_until(lambda: run.listener.stopped == 1)
+        await run.end()
+        assert not primary.is_usable and backup.is_usable
+        assert run.heard == words(SECOND)
+        assert run.context_words == words(SECOND)
+        # The switcher answered for the primary's error by switching.
+        assert run.errors == []

@@ -1,0 +1,361 @@
+"""The ledger, driven synchronously: no event loop, no Pipecat frames (plain objects stand in)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipecat_resilient.errors import InvalidState
+from pipecat_resilient.ledger import ActionKind, Ledger, State, UtteranceKind
+
+
+class F:
+    """A stand-in frame: the ledger only needs identity."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"F({self.name})"
+
+
+def kinds(actions) -> list[str]:
+    return [a.kind.value for a in actions]
+
+
+def test_speak_is_fed_once_then_replayed_from_the_first_unheard_word() -> None:
+    """Word evidence moves the cursor; a loss replays from the next word."""
+    ledger = Ledger()
+    speak = F("speak")
+    u = ledger.speak_accepted(speak, "Hello world, this is a test.")
+    [action] = ledger.to_feed()
+    assert action.kind is ActionKind.SPEAK and action.frame is speak and action.text == u.text
+    assert ledger.to_feed() == []
+    ledger.text_handed(u, "c1", u.text, now=0.0)
+    ledger.audio_received("c1", now=0.1)
+    ledger.words_voiced("c1", "Hello")
+    ledger.words_voiced("c1", "world,")
+    ledger.connection_lost(now=0.2)
+    assert ledger.to_feed() == []  # nothing while recovering
+    ledger.connection_restored()
+    [action] = ledger.to_feed()
+    assert action.kind is ActionKind.SPEAK
+    assert action.text == "this is a test."
+    assert action.frame is None  # a partial replay needs a new frame
+
+
+def test_words_without_audio_are_not_evidence() -> None:
+    """A text frame before any audio (a forced completion) does not count as heard."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "one two three")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    assert ledger.words_voiced("c", "one two three") == 0
+    assert u.voiced == 0
+
+
+def test_unrecognised_words_do_not_move_the_cursor() -> None:
+    """A word not in the text (or far ahead) stops the match; what matched stays."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "alpha beta gamma")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.audio_received("c", now=0.0)
+    ledger.words_voiced("c", "alpha zeta gamma")
+    assert u.text[: u.voiced] == "alpha"
+
+
+def test_words_match_whole_tokens_only() -> None:
+    """'a' inside 'and' is not the word 'a'."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "and a cat")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.audio_received("c", now=0.0)
+    ledger.words_voiced("c", "and")
+    ledger.words_voiced("c", "a")
+    assert u.text[: u.voiced] == "and a"
+
+
+def test_final_signal_marks_a_flushed_utterance_heard_and_settles_it() -> None:
+    """The provider's final for a fully handed speak means all of it was synthesized."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "Short one.")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.closing_processed(u)
+    ledger.audio_received("c", now=0.1)
+    ledger.context_stopped("c")
+    assert u.settled and u.voiced == len(u.text)
+    assert ledger.in_flight == 0
+
+
+def test_turn_replays_start_remaining_text_and_end_in_order() -> None:
+    """A turn cut mid-way: a fresh start (its start already went out), the rest of the text, the end."""
+    ledger = Ledger()
+    start, end = F("start"), F("end")
+    t1, t2 = F("t1"), F("t2")
+    u = ledger.turn_started(start)
+    ledger.text_accepted("First sentence. ", source=t1)
+    ledger.text_accepted("Second one.", source=t2)
+    ledger.turn_ended(end)
+    actions = ledger.to_feed()
+    assert kinds(actions) == ["start", "text", "text", "frame"]
+    assert [a.frame for a in actions] == [start, t1, t2, end]
+    ledger.frame_emerged(start)
+    ledger.text_handed(u, "c", "First sentence.", now=0.0)
+    ledger.audio_received("c", now=0.1)
+    ledger.words_voiced("c", "First")
+    ledger.connection_lost(now=0.2)
+    ledger.connection_restored()
+    actions = ledger.to_feed()
+    assert kinds(actions) == ["start", "text", "text", "frame"]
+    assert actions[0].frame is None  # synthetic: the original start already went downstream
+    assert [a.text for a in actions[1:3]] == ["sentence. ", "Second one."]
+    assert actions[3].frame is end
+    assert u.kind is UtteranceKind.TURN
+
+
+def test_turn_settles_when_its_end_frame_comes_out() -> None:
+    """The end frame is queued behind the turn's audio: once it emerges the turn is done."""
+    ledger = Ledger()
+    start, end = F(), F()
+    u = ledger.turn_started(start)
+    ledger.text_accepted("Hi.")
+    ledger.turn_ended(end)
+    ledger.to_feed()
+    assert ledger.frame_emerged(start)
+    assert not u.settled
+    assert ledger.frame_emerged(end)
+    assert u.settled and ledger.in_flight == 0
+    assert not ledger.frame_emerged(end)
+
+
+def test_text_arriving_while_recovering_is_queued_then_fed() -> None:
+    """Nothing is fed during recovery; everything is fed, in order, once restored."""
+    ledger = Ledger()
+    start = F()
+    ledger.turn_started(start)
+    ledger.to_feed()
+    ledger.connection_lost(now=0.0)
+    ledger.text_accepted("More text.")
+    other = F("other")
+    ledger.frame_accepted(other)
+    assert ledger.to_feed() == []
+    ledger.connection_restored()
+    actions = ledger.to_feed()
+    assert kinds(actions) == ["start", "text", "frame"]
+    assert actions[0].frame is start  # never emerged, so the original goes again
+    assert actions[2].frame is other
+
+
+def test_interruption_drops_unsettled_interruptible_work() -> None:
+    """Interrupted text is never replayed; uninterruptible work survives."""
+    ledger = Ledger()
+    keep = F("keep")
+    ledger.speak_accepted(F(), "drop me")
+    ledger.speak_accepted(keep, "keep me", interruptible=False)
+    ledger.frame_accepted(F("frame"))
+    ledger.to_feed()
+    dropped = ledger.interrupted()
+    assert [u.text for u in dropped] == ["drop me"]
+    ledger.connection_lost(now=0.0)
+    ledger.connection_restored()
+    [action] = ledger.to_feed()
+    assert action.kind is ActionKind.SPEAK and action.frame is keep
+
+
+def test_interruption_closes_the_open_turn() -> None:
+    """After an interruption, new text starts a new (loose) turn."""
+    ledger = Ledger()
+    first = ledger.turn_started(F())
+    ledger.text_accepted("cut")
+    ledger.interrupted()
+    second = ledger.text_accepted("fresh")
+    assert second is not first and second.text == "fresh"
+
+
+def test_end_frame_closes_a_loose_turn() -> None:
+    """An EndFrame flushes the open turn and settles it when it comes out."""
+    ledger = Ledger()
+    u = ledger.text_accepted("loose text")
+    end = F("end")
+    assert ledger.frame_accepted(end, closes_turn=True) is u
+    assert u.closed
+    ledger.to_feed()
+    ledger.frame_emerged(end)
+    assert u.settled
+
+
+def test_spoken_utterance_with_nothing_left_is_closed_downstream() -> None:
+    """A speak fully heard before the loss but never stopped downstream is closed, not replayed."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "Two words", push_aggregation=True)
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.started_downstream(u, "c")
+    ledger.audio_received("c", now=0.0)
+    ledger.words_voiced("c", "Two words")
+    ledger.connection_lost(now=0.1)
+    ledger.connection_restored()
+    [action] = ledger.to_feed()
+    assert action.kind is ActionKind.CLOSE and action.utterance is u
+    assert u.settled
+
+
+def test_turn_with_nothing_left_closes_before_its_end_frame() -> None:
+    """A turn heard in full whose end never came out: close it downstream, then its end."""
+    ledger = Ledger()
+    start, end = F(), F()
+    u = ledger.turn_started(start)
+    ledger.text_accepted("All of it.")
+    ledger.turn_ended(end)
+    ledger.to_feed()
+    ledger.frame_emerged(start)
+    ledger.text_handed(u, "c", "All of it.", now=0.0)
+    ledger.started_downstream(u, "c")
+    ledger.audio_received("c", now=0.0)
+    ledger.words_voiced("c", "All of it.")
+    ledger.connection_lost(now=0.1)
+    ledger.connection_restored()
+    actions = ledger.to_feed()
+    assert kinds(actions) == ["close"]
+    assert actions[0].frame is end
+
+
+def test_first_audio_watchdog() -> None:
+    """Text handed and no audio within the timeout: overdue."""
+    ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
+    u = ledger.speak_accepted(F(), "one two three four")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=10.0)
+    assert ledger.overdue(now=10.9) is None
+    assert "no audio" in (ledger.overdue(now=11.1) or "")
+    ledger.audio_received("c", now=11.05)
+    assert ledger.overdue(now=11.1) is None
+
+
+def test_stall_watchdog_waits_only_while_audio_is_owed() -> None:
+    """Audio pausing with words still owed is a stall; a finished sentence is not."""
+    ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
+    u = ledger.turn_started(F())
+    ledger.text_accepted("one two three four. ")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", "one two three four.", now=0.0)
+    ledger.audio_received("c", now=0.1)
+    ledger.words_voiced("c", "one")
+    assert ledger.overdue(now=0.5) is None
+    assert "stalled" in (ledger.overdue(now=1.2) or "")
+    # All but the trailing word confirmed: the sentence is done, the LLM is slow.
+    ledger.words_voiced("c", "two three")
+    assert ledger.overdue(now=5.0) is None
+
+
+def test_flushed_utterance_owes_a_final_signal() -> None:
+    """Once everything was handed over, silence without the final is a stall."""
+    ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
+    u = ledger.speak_accepted(F(), "Hi")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", "Hi", now=0.0)
+    ledger.closing_processed(u)
+    ledger.audio_received("c", now=0.1)
+    ledger.words_voiced("c", "Hi")
+    assert ledger.overdue(now=1.2) is not None
+    ledger.context_stopped("c")
+    assert ledger.overdue(now=5.0) is None
+
+
+def test_without_word_timestamps_only_pending_and_final_count() -> None:
+    """A service without word timings is not declared stalled between sentences."""
+    ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
+    ledger.set_word_timestamps(False)
+    u = ledger.turn_started(F())
+    ledger.text_accepted("one two three four. ")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", "one two three four.", now=0.0)
+    ledger.audio_received("c", now=0.1)
+    assert ledger.overdue(now=5.0) is None
+
+
+def test_interruption_clears_the_first_audio_wait() -> None:
+    """Text handed then interrupted owes no audio."""
+    ledger = Ledger(first_audio_timeout=1.0)
+    u = ledger.speak_accepted(F(), "never mind")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.interrupted()
+    assert ledger.overdue(now=5.0) is None
+
+
+def test_evidence_from_a_draining_instance_counts_for_the_replay() -> None:
+    """Audio already received by the failed instance still moves the cursor until drained."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "one two three four")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.audio_received("c", now=0.0)
+    ledger.connection_lost(now=0.1)
+    ledger.words_voiced("c", "one two")
+    ledger.drained()
+    assert ledger.words_voiced("c", "three") == 0
+    ledger.connection_restored()
+    [action] = ledger.to_feed()
+    assert action.text == "three four"
+
+
+def test_gave_up_names_the_unheard_text_and_returns_unemerged_frames() -> None:
+    """Giving up empties the journal: the lost text and the frames still owed downstream."""
+    ledger = Ledger()
+    start, end = F("start"), F("end")
+    u = ledger.turn_started(start)
+    ledger.text_accepted("Heard part. Lost part.")
+    ledger.turn_ended(end)
+    ledger.to_feed()
+    ledger.frame_emerged(start)
+    ledger.text_handed(u, "c", "Heard part.", now=0.0)
+    ledger.audio_received("c", now=0.0)
+    ledger.words_voiced("c", "Heard part.")
+    ledger.connection_lost(now=0.1)
+    unspoken, frames = ledger.gave_up()
+    assert unspoken == ["Lost part."]
+    assert frames == [end]
+    assert ledger.state is State.FAILED and ledger.in_flight == 0
+
+
+def test_misuse_raises_invalid_state() -> None:
+    """Restoring a connection that was never lost is a caller bug."""
+    ledger = Ledger()
+    with pytest.raises(InvalidState, match="connection restored while live"):
+        ledger.connection_restored()
+    ledger.connection_lost(now=0.0)
+    with pytest.raises(InvalidState):
+        ledger.connection_lost(now=0.0)
+    with pytest.raises(InvalidState):
+        ledger.text_handed(None, "c", "x", now=0.0)
+
+
+def test_revive_after_giving_up() -> None:
+    """A failed ledger can be revived for a fresh instance, with nothing to replay."""
+    ledger = Ledger()
+    ledger.connection_lost(now=0.0)
+    ledger.gave_up()
+    ledger.revived()
+    ledger.connection_restored()
+    assert ledger.state is State.LIVE and ledger.to_feed() == []
+
+
+def test_memory_follows_what_is_in_flight() -> None:
+    """A long session of settled utterances leaves nothing behind."""
+    ledger = Ledger()
+    for i in range(1000):
+        start, end = F(), F()
+        u = ledger.turn_started(start)
+        ledger.text_accepted(f"Sentence number {i}.")
+        ledger.turn_ended(end)
+        ledger.to_feed()
+        ledger.frame_emerged(start)
+        ledger.text_handed(u, f"c{i}", u.text, now=float(i))
+        ledger.audio_received(f"c{i}", now=float(i))
+        ledger.frame_emerged(end)
+    assert ledger.in_flight == 0
+    assert ledger._contexts == {}
+    assert ledger._journal.by_frame == {}

@@ -1,0 +1,119 @@
+"""The testing kit itself: the speech code, fault plans and the emulator's protocol."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from pipecat_resilient.testing import ElevenLabsEmulator, Fault, FaultKind, FaultPlan, SpeechDecoder, encode
+from pipecat_resilient.testing.speech import samples_per_char
+
+SPC = samples_per_char(24000, 10)
+
+
+def pcm(text: str, **kwargs: object) -> bytes:
+    return encode(text, sample_rate=24000, ms_per_char=10, **kwargs)  # type: ignore[arg-type]
+
+
+def test_speech_code_round_trips_in_any_chunking() -> None:
+    """Audio decodes back to its words, however it is cut into frames."""
+    audio = pcm("Hello world, this is fine.") + pcm(" And more.")
+    for size in (1, 7, 480, len(audio)):
+        decoder = SpeechDecoder(SPC)
+        for start in range(0, len(audio), size):
+            decoder.feed(audio[start : start + size])
+        assert decoder.heard() == ["Hello", "world,", "this", "is", "fine.", "And", "more."]
+        assert decoder.fragments() == []
+
+
+def test_cut_off_word_is_a_fragment_and_repeats_are_counted() -> None:
+    """A word whose audio was cut is a fragment; doubled letters and words are told apart."""
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("Hello wor", message_end=False))
+    decoder.feed(pcm("world all ll"))
+    assert decoder.heard() == ["Hello", "world", "all", "ll"]
+    assert decoder.fragments() == ["wor"]
+
+
+def test_word_in_progress_is_a_fragment_until_it_ends() -> None:
+    """The last word of a stream counts only once its end was heard."""
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("one two", message_end=False))
+    assert decoder.heard() == ["one"] and decoder.fragments() == ["two"]
+    decoder.feed(pcm(" three"))
+    assert decoder.heard() == ["one", "two", "three"]
+
+
+def test_silence_is_skipped() -> None:
+    """Zero samples (silence) between words decode to nothing."""
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("a b") + b"\x00\x00" * 500 + pcm(" c"))
+    assert decoder.heard() == ["a", "b", "c"]
+
+
+def test_fault_validation() -> None:
+    """A fault takes at most one trigger and a sane status."""
+    with pytest.raises(ValueError, match="at most one trigger"):
+        Fault(FaultKind.CLOSE, after_audio_chunks=1, after_seconds=1.0)
+    with pytest.raises(ValueError, match="HTTP status"):
+        Fault.refuse(200)
+    with pytest.raises(ValueError, match="must not be negative"):
+        Fault.close(1011, after_audio_chunks=-1)
+    plan = FaultPlan(Fault.close(1011, connection=None), Fault.refuse(503, connection=2))
+    assert len(plan.for_connection(0)) == 1
+    assert plan.refusal(2) is not None and plan.refusal(1) is None
+
+
+async def test_emulator_speaks_the_multi_stream_protocol() -> None:
+    """Context init, text, close_context: audio with alignment, then isFinal."""
+    async with ElevenLabsEmulator() as emulator:
+        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?model_id=m&output_format=pcm_24000&auto_mode=true"
+        async with connect(url, additional_headers={"xi-api-key": "k"}) as ws:
+            await ws.send(json.dumps({"text": " ", "context_id": "c"}))
+            await ws.send(json.dumps({"text": "Hi there.", "context_id": "c"}))
+            await ws.send(json.dumps({"context_id": "c", "close_context": True}))
+            decoder = SpeechDecoder(SPC)
+            chars = []
+            while True:
+                message = json.loads(await ws.recv())
+                if message.get("isFinal"):
+                    break
+                assert message["contextId"] == "c"
+                decoder.feed(base64.b64decode(message["audio"]))
+                chars.extend(message["alignment"]["chars"])
+                assert message["alignment"]["charStartTimesMs"][0] == 0
+        assert decoder.heard() == ["Hi", "there."]
+        assert "".join(chars) == "Hi there."
+        assert emulator.connections[0].texts == [("c", "Hi there.")]
+
+
+async def test_emulator_faults() -> None:
+    """Refusals carry their status and headers; closes carry their code."""
+    plan = FaultPlan(Fault.refuse(429, headers={"Retry-After": "3"}), Fault.close(1012, "restart", connection=1, after_text_messages=1))
+    async with ElevenLabsEmulator(plan=plan) as emulator:
+        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?output_format=pcm_24000&auto_mode=true"
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url):
+                pass
+        assert refused.value.response.status_code == 429
+        assert refused.value.response.headers["Retry-After"] == "3"
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"text": "Hello.", "context_id": "c"}))
+            with pytest.raises(ConnectionClosedError) as closed:
+                while True:
+                    await ws.recv()
+            assert closed.value.rcvd.code == 1012
+        assert [c.refused for c in emulator.connections] == [429, None]
+
+
+async def test_emulator_checks_the_api_key() -> None:
+    """With an api_key set, a wrong key is refused with 401."""
+    async with ElevenLabsEmulator(api_key="right") as emulator:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"{emulator.url}/v1/x", additional_headers={"xi-api-key": "wrong"}):
+                pass
+        assert refused.value.response.status_code == 401
