@@ -195,7 +195,9 @@ class Host(Generic[S]):
 
     # -- connecting ------------------------------------------------------------
 
-    async def set_up(self, hosted: Hosted[S], setup: FrameProcessorSetup, timeout: float | None) -> Failure | None:
+    async def set_up(
+        self, hosted: Hosted[S], setup: FrameProcessorSetup, timeout: float | None
+    ) -> Failure | None:
         """Set ``hosted`` up (a websocket service connects here).
 
         Returns:

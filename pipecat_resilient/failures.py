@@ -177,7 +177,9 @@ def _classify_reason(reason: str, code: int | None, detail: str) -> Failure | No
     return None
 
 
-def classify_status(status: int, headers: Mapping[str, str] | None = None, *, now: float | None = None) -> Failure:
+def classify_status(
+    status: int, headers: Mapping[str, str] | None = None, *, now: float | None = None
+) -> Failure:
     """Classify an HTTP status that refused a websocket handshake or a request.
 
     Args:

@@ -296,7 +296,9 @@ class Ledger:
         self._append(_Piece(_PieceKind.SPEAK, utterance, frame, interruptible=interruptible))
         return utterance
 
-    def frame_accepted(self, frame: object, *, interruptible: bool = True, closes_turn: bool = False) -> Utterance | None:
+    def frame_accepted(
+        self, frame: object, *, interruptible: bool = True, closes_turn: bool = False
+    ) -> Utterance | None:
         """Any other frame the service must pass on, in order.
 
         Args:
@@ -314,7 +316,9 @@ class Ledger:
             closed = self._open_turn
             self._open_turn = None
             closed.closed = True
-        self._append(_Piece(_PieceKind.END if closed else _PieceKind.FRAME, closed, frame, interruptible=interruptible))
+        self._append(
+            _Piece(_PieceKind.END if closed else _PieceKind.FRAME, closed, frame, interruptible=interruptible)
+        )
         return closed
 
     def interrupted(self) -> list[Utterance]:
@@ -623,7 +627,9 @@ class Ledger:
         if kind is _PieceKind.TEXT:
             if utterance.fed_from <= piece.begin:
                 # Fed whole: the original frame can go as it is.
-                return Action(ActionKind.TEXT, utterance, utterance.text[piece.begin : piece.end], piece.frame)
+                return Action(
+                    ActionKind.TEXT, utterance, utterance.text[piece.begin : piece.end], piece.frame
+                )
             text = utterance.text[utterance.fed_from : piece.end]
             return Action(ActionKind.TEXT, utterance, text=text) if text else None
         if kind is _PieceKind.SPEAK:

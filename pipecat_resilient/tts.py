@@ -146,7 +146,12 @@ class ResilientTTS(FrameProcessor):
         if not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
         for name, value in (("first_audio_timeout", first_audio_timeout), ("stall_timeout", stall_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         self._retry = retry
         self._ledger = Ledger(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
@@ -166,7 +171,7 @@ class ResilientTTS(FrameProcessor):
         self._host: Host[TTSService] = Host(
             self,
             factory,
-            TTSService,
+            TTSService,  # type: ignore[type-abstract]
             downstream=self._on_instance_downstream,
             upstream=self._on_instance_upstream,
             prepare=self._prepare,
@@ -211,7 +216,7 @@ class ResilientTTS(FrameProcessor):
     # Lifecycle
     # ------------------------------------------------------------------
 
-    async def setup(self, setup: FrameProcessorSetup) -> None:
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Set up the processor and its first service instance (which connects here)."""
         await super().setup(setup)
         self._setup_data = setup
@@ -232,7 +237,12 @@ class ResilientTTS(FrameProcessor):
         instance for the text that comes next.
         """
         await super().set_usable(is_usable)
-        if is_usable and self._ledger.state is State.FAILED and self._start_frame is not None and not self._ended:
+        if (
+            is_usable
+            and self._ledger.state is State.FAILED
+            and self._start_frame is not None
+            and not self._ended
+        ):
             self._ledger.revived()
             self._lost_at = now()
             self._episode = None
@@ -385,7 +395,11 @@ class ResilientTTS(FrameProcessor):
             await service.queue_frame(frame)
         elif kind is ActionKind.SPEAK:
             assert utterance is not None
-            frame = action.frame if isinstance(action.frame, Frame) else _speak_like(utterance.source, action.text)
+            frame = (
+                action.frame
+                if isinstance(action.frame, Frame)
+                else _speak_like(utterance.source, action.text)
+            )
             hosted.fed[id(frame)] = utterance
             await service.queue_frame(frame, callback=self._closing_processed(utterance))
         elif kind is ActionKind.CLOSE:
@@ -397,7 +411,9 @@ class ResilientTTS(FrameProcessor):
             assert isinstance(action.frame, Frame)
             await self._feed_frame(hosted, action.frame, utterance)
 
-    async def _feed_frame(self, hosted: Hosted[TTSService], frame: Frame, utterance: Utterance | None) -> None:
+    async def _feed_frame(
+        self, hosted: Hosted[TTSService], frame: Frame, utterance: Utterance | None
+    ) -> None:
         service = hosted.service
         if isinstance(frame, EndFrame):
             hosted.stopping = True
@@ -468,7 +484,9 @@ class ResilientTTS(FrameProcessor):
             if hosted.stopping or getattr(processor, "_disconnecting", False):
                 return
             if socket_open(processor) is False:
-                await self._lost(hosted, Failure(Verdict.TRANSIENT, "connectivity", "the service disconnected"))
+                await self._lost(
+                    hosted, Failure(Verdict.TRANSIENT, "connectivity", "the service disconnected")
+                )
 
         async def tts_request(processor: FrameProcessor, context_id: str, text: str) -> None:
             if hosted is self._live:
@@ -547,7 +565,9 @@ class ResilientTTS(FrameProcessor):
             category = frame.category
             if category is not None and category.is_permanent:
                 category = ErrorCategory.UNKNOWN
-            error = ErrorFrame(error=frame.error, exception=frame.exception, processor=self, category=category)
+            error = ErrorFrame(
+                error=frame.error, exception=frame.exception, processor=self, category=category
+            )
             await self.push_frame(error, FrameDirection.UPSTREAM)
             return
         await self.push_frame(frame, FrameDirection.UPSTREAM)
@@ -622,7 +642,9 @@ class ResilientTTS(FrameProcessor):
                 await self._go_live(hosted, episode, failure)
                 return
             assert attempt_failure is not None
-            logger.warning(f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})")
+            logger.warning(
+                f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
+            )
             reason = episode.record(attempt_failure)
         await self._give_up(reason, episode)
 
@@ -702,7 +724,11 @@ class ResilientTTS(FrameProcessor):
             reason = ledger.overdue(now=t)
             if reason is not None:
                 await self._lost(hosted, Failure(Verdict.TRANSIENT, "connectivity", reason))
-            elif self._episode is not None and hosted.live_since is not None and t - hosted.live_since > STABLE_AFTER_S:
+            elif (
+                self._episode is not None
+                and hosted.live_since is not None
+                and t - hosted.live_since > STABLE_AFTER_S
+            ):
                 # Up long enough without failing: the recovery is over.
                 self._episode = None
 

@@ -27,7 +27,9 @@ def _quiet_logs() -> None:
     logger.add(sys.stderr, level="WARNING")
 
 
-def stock_factory(emulator: ElevenLabsEmulator, *, api_key: str = "test-key", **kwargs: object) -> Callable[[], ElevenLabsTTSService]:
+def stock_factory(
+    emulator: ElevenLabsEmulator, *, api_key: str = "test-key", **kwargs: object
+) -> Callable[[], ElevenLabsTTSService]:
     """A factory of stock ElevenLabs services pointed at ``emulator``."""
 
     def make() -> ElevenLabsTTSService:
@@ -41,7 +43,9 @@ def stock_factory(emulator: ElevenLabsEmulator, *, api_key: str = "test-key", **
     return make
 
 
-def resilient(emulator: ElevenLabsEmulator, *, retry: RetryPolicy = NO_WAIT, **kwargs: object) -> ResilientTTS:
+def resilient(
+    emulator: ElevenLabsEmulator, *, retry: RetryPolicy = NO_WAIT, **kwargs: object
+) -> ResilientTTS:
     """A ResilientTTS around the stock service, with test timeouts."""
     options: dict[str, object] = {"first_audio_timeout": 3 * UNIT, "stall_timeout": 3 * UNIT}
     options.update(kwargs)

@@ -19,7 +19,9 @@ async def test_stock_service_loses_the_rest_and_records_it_as_spoken() -> None:
     plan = FaultPlan(Fault.close(1012, after_audio_chunks=4))
     async with ElevenLabsEmulator(plan=plan) as emulator:
         stock = stock_factory(emulator)()
-        run = await run_until_heard(emulator, stock, [TTSSpeakFrame(SENTENCE)], words(SENTENCE), utterances=1, timeout=1.0)
+        run = await run_until_heard(
+            emulator, stock, [TTSSpeakFrame(SENTENCE)], words(SENTENCE), utterances=1, timeout=1.0
+        )
         # The listener heard the beginning only.
         assert len(run.heard) < len(words(SENTENCE)) / 2
         # The context holds the whole sentence, unheard words included.

@@ -71,7 +71,8 @@ def test_fault_validation() -> None:
 async def test_emulator_speaks_the_multi_stream_protocol() -> None:
     """Context init, text, close_context: audio with alignment, then isFinal."""
     async with ElevenLabsEmulator() as emulator:
-        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?model_id=m&output_format=pcm_24000&auto_mode=true"
+        query = "model_id=m&output_format=pcm_24000&auto_mode=true"
+        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?{query}"
         async with connect(url, additional_headers={"xi-api-key": "k"}) as ws:
             await ws.send(json.dumps({"text": " ", "context_id": "c"}))
             await ws.send(json.dumps({"text": "Hi there.", "context_id": "c"}))
@@ -93,7 +94,10 @@ async def test_emulator_speaks_the_multi_stream_protocol() -> None:
 
 async def test_emulator_faults() -> None:
     """Refusals carry their status and headers; closes carry their code."""
-    plan = FaultPlan(Fault.refuse(429, headers={"Retry-After": "3"}), Fault.close(1012, "restart", connection=1, after_text_messages=1))
+    plan = FaultPlan(
+        Fault.refuse(429, headers={"Retry-After": "3"}),
+        Fault.close(1012, "restart", connection=1, after_text_messages=1),
+    )
     async with ElevenLabsEmulator(plan=plan) as emulator:
         url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?output_format=pcm_24000&auto_mode=true"
         with pytest.raises(InvalidStatus) as refused:

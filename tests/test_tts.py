@@ -19,10 +19,10 @@ from pipecat.frames.frames import (
 )
 from pipecat.utils.errors import ErrorCategory
 
-from pipecat_resilient import ReplayFailed, ResilientTTS, RetryPolicy, State
+from pipecat_resilient import ReplayFailed, RetryPolicy, State
 from pipecat_resilient.testing import ElevenLabsEmulator, Fault, FaultPlan, Scenario
 
-from .conftest import NO_WAIT, SAMPLE_RATE, UNIT, resilient
+from .conftest import SAMPLE_RATE, UNIT, resilient
 
 SENTENCE = "Hello world, this is a test of a dropped socket."
 SECOND = "And here is a second sentence to say."
@@ -186,7 +186,9 @@ async def test_drop_after_a_whole_turn_was_sent_at_once() -> None:
     """All sentences already handed to the dead socket are replayed, none twice."""
     plan = FaultPlan(Fault.close(1012, after_audio_chunks=6))
     async with ElevenLabsEmulator(plan=plan) as emulator:
-        run = await run_until_heard(emulator, resilient(emulator), turn(TURN_TOKENS), words(TURN), utterances=1)
+        run = await run_until_heard(
+            emulator, resilient(emulator), turn(TURN_TOKENS), words(TURN), utterances=1
+        )
         assert_honest(run, words(TURN), utterances=1)
 
 
@@ -241,7 +243,9 @@ async def test_interruption_before_a_drop_is_never_replayed() -> None:
 async def test_interruption_during_recovery_cancels_the_replay() -> None:
     """An interruption while reconnecting means the unheard rest is never said."""
     plan = FaultPlan(Fault.close(1012, after_audio_chunks=4), Fault.refuse(503, connection=1))
-    retry = RetryPolicy(attempts=3, wait_initial=5 * UNIT, wait_max=5 * UNIT, jitter=False, timeout=100 * UNIT)
+    retry = RetryPolicy(
+        attempts=3, wait_initial=5 * UNIT, wait_max=5 * UNIT, jitter=False, timeout=100 * UNIT
+    )
     async with ElevenLabsEmulator(plan=plan) as emulator:
         tts = resilient(emulator, retry=retry)
         run = Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE))
@@ -267,7 +271,9 @@ async def test_permanent_failure_on_reconnect_reports_once_and_names_the_lost_te
     """A reconnect refused with 401 is not retried: one ErrorFrame naming the unheard text."""
     plan = FaultPlan(Fault.close(1012, after_audio_chunks=4), Fault.refuse(401, connection=None))
     # Connection 0 is not refused: the plan's catch-all refusal starts at 1.
-    plan = FaultPlan(Fault.close(1012, after_audio_chunks=4), *[Fault.refuse(401, connection=i) for i in range(1, 5)])
+    plan = FaultPlan(
+        Fault.close(1012, after_audio_chunks=4), *[Fault.refuse(401, connection=i) for i in range(1, 5)]
+    )
     async with ElevenLabsEmulator(plan=plan) as emulator:
         tts = resilient(emulator)
         given_up: list[ReplayFailed] = []
@@ -313,7 +319,9 @@ async def test_permanent_failure_at_start_is_reported_once() -> None:
 
 async def test_exhausted_retries_report_one_error() -> None:
     """When every reconnect is refused, recovery ends with exactly one ErrorFrame."""
-    plan = FaultPlan(Fault.close(1012, after_audio_chunks=4), *[Fault.refuse(503, connection=i) for i in range(1, 9)])
+    plan = FaultPlan(
+        Fault.close(1012, after_audio_chunks=4), *[Fault.refuse(503, connection=i) for i in range(1, 9)]
+    )
     async with ElevenLabsEmulator(plan=plan) as emulator:
         tts = resilient(emulator, retry=RetryPolicy(attempts=3, wait_initial=0, wait_max=0))
         run = Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE))
@@ -331,7 +339,9 @@ async def test_exhausted_retries_report_one_error() -> None:
 
 async def test_same_suspect_close_twice_is_treated_as_poison() -> None:
     """The same 1007 on the replayed text, before any progress, ends recovery instead of looping."""
-    plan = FaultPlan(*[Fault.close(1007, "invalid payload", after_text_messages=1, connection=i) for i in range(6)])
+    plan = FaultPlan(
+        *[Fault.close(1007, "invalid payload", after_text_messages=1, connection=i) for i in range(6)]
+    )
     async with ElevenLabsEmulator(plan=plan) as emulator:
         tts = resilient(emulator)
         run = Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE))
@@ -398,7 +408,14 @@ async def test_no_fault_behaves_like_the_stock_service() -> None:
             utterances=2,
         )
         assert_honest(run, words(SENTENCE, TURN), utterances=2)
-        assert run.listener.kinds() == ["started", "stopped", "response-start", "started", "stopped", "response-end"]
+        assert run.listener.kinds() == [
+            "started",
+            "stopped",
+            "response-start",
+            "started",
+            "stopped",
+            "response-end",
+        ]
         assert len(emulator.connections) == 1
 
 
@@ -415,7 +432,10 @@ async def test_gives_up_into_a_service_switcher_failover() -> None:
     """Once it gives up it is unusable, so a failover ServiceSwitcher moves to the backup."""
     from pipecat.pipeline.service_switcher import ServiceSwitcher, ServiceSwitcherStrategyFailover
 
-    async with ElevenLabsEmulator(api_key="right") as primary_emulator, ElevenLabsEmulator() as backup_emulator:
+    async with (
+        ElevenLabsEmulator(api_key="right") as primary_emulator,
+        ElevenLabsEmulator() as backup_emulator,
+    ):
         primary = resilient(primary_emulator, api_key="wrong")
         backup = resilient(backup_emulator)
         switcher = ServiceSwitcher([primary, backup], strategy_type=ServiceSwitcherStrategyFailover)

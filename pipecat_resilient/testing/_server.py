@@ -14,7 +14,7 @@ import contextlib
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from loguru import logger
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -63,7 +63,9 @@ class ConnectionState:
         self.emulator = emulator
         self.ws = ws
         self.record = record
-        self.faults = [f for f in emulator.plan.for_connection(record.index) if f.kind is not FaultKind.REFUSE]
+        self.faults = [
+            f for f in emulator.plan.for_connection(record.index) if f.kind is not FaultKind.REFUSE
+        ]
         self.text_messages = 0
         self.faulted = asyncio.Event()
         self._timers: list[asyncio.Task[None]] = []
@@ -119,7 +121,9 @@ class ConnectionState:
             return
         self.record.fault = fault
         self.faulted.set()
-        logger.debug(f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}")
+        logger.debug(
+            f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}"
+        )
         if fault.kind is FaultKind.CLOSE:
             # Closed in the background (the caller may be the reader); the
             # handler waits for it, so its own return cannot close with 1000.
@@ -174,7 +178,7 @@ class WebsocketEmulator:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> WebsocketEmulator:
+    async def start(self) -> Self:
         """Start listening on an ephemeral port of 127.0.0.1."""
         self._server = await serve(
             self._handle,
@@ -203,7 +207,7 @@ class WebsocketEmulator:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> WebsocketEmulator:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -139,7 +139,12 @@ class Fault:
 
     @classmethod
     def refuse(
-        cls, status: int, *, connection: int | None = 0, headers: Mapping[str, str] | None = None, reason: str = ""
+        cls,
+        status: int,
+        *,
+        connection: int | None = 0,
+        headers: Mapping[str, str] | None = None,
+        reason: str = "",
     ) -> Fault:
         """Answer the handshake with HTTP ``status`` (and ``headers``)."""
         return cls(FaultKind.REFUSE, connection, status=status, headers=dict(headers or {}), reason=reason)
@@ -176,7 +181,11 @@ class Fault:
     @property
     def immediate(self) -> bool:
         """Whether it has no trigger (happens as soon as the connection opens)."""
-        return self.after_audio_chunks is None and self.after_text_messages is None and self.after_seconds is None
+        return (
+            self.after_audio_chunks is None
+            and self.after_text_messages is None
+            and self.after_seconds is None
+        )
 
 
 class FaultPlan:

@@ -130,6 +130,39 @@ class Listener(FrameProcessor):
         """Words heard in full, in order."""
         return self.decoder.heard()
 
+    def silences(self, sample_rate: int, *, threshold: float = 0.05) -> list[tuple[float, float]]:
+        """Dead air a transport playing the audio as it arrived would have produced.
+
+        Plays each audio frame at its arrival or when the one before it ends,
+        whichever is later, and reports each gap between the end of one and
+        the start of the next (after the first audio).
+
+        Args:
+            sample_rate: The audio's sample rate (16-bit mono assumed).
+            threshold: Gaps shorter than this many seconds are ignored.
+
+        Returns:
+            ``(started_at, seconds)`` for each gap, ``started_at`` on the
+            ``time.monotonic`` clock.
+        """
+        gaps: list[tuple[float, float]] = []
+        playing_until: float | None = None
+        for arrived, size in self.audio_times:
+            duration = size / (2 * sample_rate)
+            if playing_until is not None and arrived - playing_until > threshold:
+                gaps.append((playing_until, arrived - playing_until))
+            start = arrived if playing_until is None else max(arrived, playing_until)
+            playing_until = start + duration
+        return gaps
+
+    def playing_until(self, sample_rate: int) -> float | None:
+        """When the audio received so far would finish playing, or None before any."""
+        playing_until: float | None = None
+        for arrived, size in self.audio_times:
+            start = arrived if playing_until is None else max(arrived, playing_until)
+            playing_until = start + size / (2 * sample_rate)
+        return playing_until
+
     @property
     def fragments(self) -> list[str]:
         """Words heard only in part."""
@@ -232,7 +265,9 @@ class Scenario:
         await runner.add_workers(self._worker)
         self._task = asyncio.create_task(runner.run())
         waiter = asyncio.create_task(started.wait())
-        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if waiter not in done:
             waiter.cancel()
             if self._task in done:

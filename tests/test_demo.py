@@ -1,0 +1,25 @@
+"""The demo command: the stock side loses words and lies to the context, the resilient side does not."""
+
+from __future__ import annotations
+
+from pipecat_resilient.__main__ import main
+from pipecat_resilient.demo import run_demo
+
+
+async def test_demo_shows_the_difference() -> None:
+    """Same faults on both sides: stock loses and misreports, resilient is clean."""
+    lines: list[str] = []
+    pairs = await run_demo(realtime=False, ms_per_char=5.0, out=lines.append)
+    assert len(pairs) == 3
+    for stock, resilient in pairs:
+        assert stock.words.lost and stock.words.unheard_in_context
+        assert resilient.words.honest
+        assert resilient.errors == 0
+    assert any("every word heard once" in line for line in lines)
+
+
+def test_cli_usage() -> None:
+    """No command prints the usage and fails; unknown commands fail."""
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert main(["nope"]) == 2
