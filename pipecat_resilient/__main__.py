@@ -9,6 +9,8 @@ USAGE = """usage: pipecat-resilient COMMAND [options]
 commands:
   demo    stock Pipecat and ResilientTTS side by side under the same provider faults
           (embedded emulators, no keys, no network)
+  chaos   a seeded schedule of faults through both; loss, dead air and recovery figures,
+          a JSON report and a timeline picture; exit status 1 if the resilient side slips
 
 run `pipecat-resilient COMMAND --help` for a command's options
 """
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipecat_resilient.demo import main as demo
 
         return demo(rest)
+    if command == "chaos":
+        from pipecat_resilient.chaos import main as chaos
+
+        return chaos(rest)
     print(f"unknown command: {command}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -74,8 +74,10 @@ class Hosted(Generic[S]):
     produced: bool = False  # made progress (audio, text) since going live
     word_timestamps: bool = False  # reports word timings after their audio
     # Set once a failed instance has pushed out what it had received.
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # its received audio is out
+    drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
     drain_marker: int | None = None
+    last_audio_context: str | None = None
 
     def __str__(self) -> str:
         return f"{self.service}"

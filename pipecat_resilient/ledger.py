@@ -418,6 +418,29 @@ class Ledger:
         utterance.voiced_words += count
         return utterance.voiced - before
 
+    def next_word_voiced(self, context_id: str | None, word: str) -> bool:
+        """The next unvoiced word of the context was heard in full, though no timing said so.
+
+        Providers time a word only once the character after it arrives, so
+        the last word before a drop has audio but no timing. When the failed
+        instance shows that word's characters all arrived (its pending
+        partial word is the whole word), the shell reports it here.
+
+        Returns:
+            True when ``word`` is exactly the next unvoiced word (and is now voiced).
+        """
+        utterance = self._contexts.get(context_id) if context_id else None
+        if utterance is None or utterance.settled or not utterance.had_audio or not word:
+            return False
+        start = _next_word_start(utterance.text, utterance.voiced)
+        end = start + len(word)
+        whole = end == len(utterance.text) or utterance.text[end].isspace()
+        if utterance.text[start:end] != word or not whole:
+            return False
+        utterance.voiced = end
+        utterance.voiced_words += 1
+        return True
+
     def context_stopped(self, context_id: str | None) -> Utterance | None:
         """The provider reported ``context_id`` final, after all its audio.
 

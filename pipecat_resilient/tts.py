@@ -46,6 +46,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.services.tts_service import TTSService
 from pipecat.utils.errors import ErrorCategory
+from pipecat.utils.text.base_text_aggregator import TextType
 
 from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, now, socket_open
 from pipecat_resilient.errors import ReplayFailed
@@ -519,6 +520,7 @@ class ResilientTTS(FrameProcessor):
         context_id = getattr(frame, "context_id", None)
         if isinstance(frame, TTSAudioRawFrame):
             ledger.audio_received(context_id, now=now())
+            hosted.last_audio_context = context_id
             if hosted is self._live:
                 self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):
@@ -609,6 +611,7 @@ class ResilientTTS(FrameProcessor):
                 hosted.drain_marker = id(marker)
                 await service.append_to_audio_context(context_id, marker)
                 await asyncio.wait_for(hosted.drained.wait(), DRAIN_TIMEOUT_S)
+            await self._complete_last_word(hosted)
         except Exception as exc:
             logger.debug(f"{self}: draining {service} ended early ({type(exc).__name__})")
         finally:
@@ -616,12 +619,34 @@ class ResilientTTS(FrameProcessor):
             if self._ledger.state is State.RECOVERING:
                 self._ledger.drained()
             self._host.retire(hosted)
+            hosted.drain_done.set()
+
+    async def _complete_last_word(self, hosted: Hosted[TTSService]) -> None:
+        """Account for a word whose audio all went out but whose timing never came.
+
+        ElevenLabs-style services time a word only when the character after it
+        arrives, so the last word before a drop - often a sentence's last - is
+        held as a *partial word*. If the failed instance holds exactly the next
+        unheard word, all of its audio was received and has just been drained:
+        it was heard, so it goes into the context and is not replayed.
+        """
+        partial = getattr(hosted.service, "_partial_word", None)
+        context_id = hosted.last_audio_context
+        if not isinstance(partial, str) or not partial or context_id is None:
+            return
+        utterance = self._ledger.utterance_for(context_id)
+        if utterance is None or not self._ledger.next_word_voiced(context_id, partial):
+            return
+        frame = TTSTextFrame(partial, text_type=TextType.WORD)
+        frame.context_id = hosted.rewrite.get(context_id, context_id)
+        frame.append_to_context = getattr(utterance.source, "append_to_context", True) is not False
+        await self.push_frame(frame)
 
     async def _drained(self) -> None:
         """Wait until the last failed instance is drained (its evidence counts for the replay)."""
         draining = self._draining
         if draining is not None:
-            await draining.drained.wait()
+            await draining.drain_done.wait()
 
     async def _recover(self, failure: Failure | None) -> None:
         if self._episode is None:

@@ -33,7 +33,7 @@ def test_speech_code_round_trips_in_any_chunking() -> None:
 def test_cut_off_word_is_a_fragment_and_repeats_are_counted() -> None:
     """A word whose audio was cut is a fragment; doubled letters and words are told apart."""
     decoder = SpeechDecoder(SPC)
-    decoder.feed(pcm("Hello wor", message_end=False))
+    decoder.feed(pcm("Hello wor", message_end=False, then="l"))
     decoder.feed(pcm("world all ll"))
     assert decoder.heard() == ["Hello", "world", "all", "ll"]
     assert decoder.fragments() == ["wor"]
@@ -42,10 +42,17 @@ def test_cut_off_word_is_a_fragment_and_repeats_are_counted() -> None:
 def test_word_in_progress_is_a_fragment_until_it_ends() -> None:
     """The last word of a stream counts only once its end was heard."""
     decoder = SpeechDecoder(SPC)
-    decoder.feed(pcm("one two", message_end=False))
-    assert decoder.heard() == ["one"] and decoder.fragments() == ["two"]
-    decoder.feed(pcm(" three"))
+    decoder.feed(pcm("one tw", message_end=False, then="o"))
+    assert decoder.heard() == ["one"] and decoder.fragments() == ["tw"]
+    decoder.feed(pcm("o three", after="w"))
     assert decoder.heard() == ["one", "two", "three"]
+
+
+def test_word_ending_exactly_at_a_chunk_edge_is_heard() -> None:
+    """A word whose last character was played is heard, whatever follows (or not)."""
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("one two", message_end=False, then=" "))
+    assert decoder.heard() == ["one", "two"]
 
 
 def test_silence_is_skipped() -> None:

@@ -453,3 +453,30 @@ async def test_gives_up_into_a_service_switcher_failover() -> None:
         assert run.context_words == words(SECOND)
         # The switcher answered for the primary's error by switching.
         assert run.errors == []
+
+
+async def test_drop_right_after_a_sentence_ends_does_not_repeat_its_last_word() -> None:
+    """The last word of a sentence has audio but no timing until more comes: it is not said twice."""
+    # "Alpha beta gamma." is four chunks of five characters; the drop follows the fourth.
+    tokens = ["Alpha beta gamma. ", "Delta epsilon zeta eta."]
+    plan = FaultPlan(Fault.close(1012, after_audio_chunks=4))
+    async with ElevenLabsEmulator(plan=plan) as emulator:
+        run = await run_until_heard(emulator, resilient(emulator), turn(tokens), words(*tokens), utterances=1)
+        assert_honest(run, words(*tokens), utterances=1)
+        assert [text for _, text in emulator.connections[1].texts] == ["Delta epsilon zeta eta."]
+
+
+async def test_drop_after_the_whole_utterance_was_heard_closes_it() -> None:
+    """Everything heard, the final signal lost: nothing is replayed and the utterance still ends."""
+    plan = FaultPlan(Fault.close(1011, after_audio_chunks=4))
+    async with ElevenLabsEmulator(plan=plan) as emulator:
+        run = await run_until_heard(
+            emulator,
+            resilient(emulator),
+            [TTSSpeakFrame("Alpha beta gamma.")],
+            words("Alpha beta gamma."),
+            utterances=1,
+        )
+        assert_honest(run, words("Alpha beta gamma."), utterances=1)
+        assert emulator.connections[1].texts == []
+        assert run.context_messages == ["Alpha beta gamma."]

@@ -39,6 +39,9 @@ class ConnectionRecord:
         audio_chunks: Audio messages sent.
         fault: The fault carried out on it, if any.
         closed: Whether the connection has ended.
+        opened_at: When its handshake arrived (``time.monotonic``).
+        first_audio_at: When it sent its first audio, if it did.
+        fault_at: When its fault was carried out, if one was.
     """
 
     index: int
@@ -50,10 +53,22 @@ class ConnectionRecord:
     fault: Fault | None = None
     closed: bool = False
     opened_at: float = field(default_factory=time.monotonic)
+    first_audio_at: float | None = None
+    fault_at: float | None = None
 
 
 class _Faulted(Exception):
     """Raised inside a connection's tasks once a fault has been carried out."""
+
+
+@dataclass
+class _Armed:
+    """A fault waiting on one connection, its triggers counted from ``*_base``."""
+
+    fault: Fault
+    audio_base: int = 0
+    text_base: int = 0
+    once: bool = False  # armed while running: a delay applies to one message
 
 
 class ConnectionState:
@@ -63,32 +78,57 @@ class ConnectionState:
         self.emulator = emulator
         self.ws = ws
         self.record = record
-        self.faults = [
-            f for f in emulator.plan.for_connection(record.index) if f.kind is not FaultKind.REFUSE
-        ]
         self.text_messages = 0
         self.faulted = asyncio.Event()
+        self.closing: asyncio.Task[None] | None = None
+        self._armed: list[_Armed] = []
         self._timers: list[asyncio.Task[None]] = []
         self._fired: set[int] = set()
-        self.closing: asyncio.Task[None] | None = None
+        for fault in emulator.plan.for_connection(record.index):
+            if fault.kind is not FaultKind.REFUSE:
+                self._armed.append(_Armed(fault))
+
+    @property
+    def faults(self) -> list[Fault]:
+        """Every fault planned or armed for this connection."""
+        return [entry.fault for entry in self._armed]
 
     @property
     def first_audio_delay(self) -> float:
-        """Extra delay before the first audio of each message."""
-        return sum(f.seconds for f in self.faults if f.kind is FaultKind.DELAY_FIRST_AUDIO)
+        """Extra delay before the first audio of every message (planned delays)."""
+        return sum(
+            e.fault.seconds for e in self._armed if e.fault.kind is FaultKind.DELAY_FIRST_AUDIO and not e.once
+        )
+
+    def take_first_audio_delay(self) -> float:
+        """The delay before the next message's first audio; armed one-shot delays are used up."""
+        once = [e for e in self._armed if e.fault.kind is FaultKind.DELAY_FIRST_AUDIO and e.once]
+        for entry in once:
+            self._armed.remove(entry)
+        return self.first_audio_delay + sum(e.fault.seconds for e in once)
+
+    def arm(self, fault: Fault) -> None:
+        """Add a fault whose triggers count from now (a delay applies to the next message only)."""
+        entry = _Armed(fault, self.record.audio_chunks, self.text_messages, once=True)
+        self._armed.append(entry)
+        self._start_timer(entry)
 
     def start_timers(self) -> None:
-        for index, fault in enumerate(self.faults):
-            if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
-                continue
-            if fault.after_seconds is not None:
-                self._timers.append(asyncio.create_task(self._after(index, fault, fault.after_seconds)))
-            elif fault.immediate:
-                self._timers.append(asyncio.create_task(self._after(index, fault, 0.0)))
+        for entry in self._armed:
+            self._start_timer(entry)
 
-    async def _after(self, index: int, fault: Fault, seconds: float) -> None:
+    def _start_timer(self, entry: _Armed) -> None:
+        fault = entry.fault
+        if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
+            return
+        if fault.after_seconds is not None:
+            self._timers.append(asyncio.create_task(self._after(id(entry), fault, fault.after_seconds)))
+        elif fault.immediate:
+            self._timers.append(asyncio.create_task(self._after(id(entry), fault, 0.0)))
+
+    async def _after(self, key: int, fault: Fault, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        await self.fire(index, fault)
+        await self.fire(key, fault)
 
     def stop_timers(self) -> None:
         for task in self._timers:
@@ -97,29 +137,41 @@ class ConnectionState:
     async def audio_sent(self) -> None:
         """Count an audio message; carry out a fault it triggers. Raises if faulted."""
         self.record.audio_chunks += 1
-        await self._check("after_audio_chunks", self.record.audio_chunks)
+        if self.record.first_audio_at is None:
+            self.record.first_audio_at = time.monotonic()
+        await self._check("after_audio_chunks")
 
     async def text_received(self) -> None:
         """Count a text message; carry out a fault it triggers. Raises if faulted."""
         self.text_messages += 1
-        await self._check("after_text_messages", self.text_messages)
+        await self._check("after_text_messages")
 
-    async def _check(self, trigger: str, count: int) -> None:
-        for index, fault in enumerate(self.faults):
-            if getattr(fault, trigger) == count:
-                await self.fire(index, fault)
+    async def _check(self, trigger: str) -> None:
+        for entry in list(self._armed):
+            wanted = getattr(entry.fault, trigger)
+            if wanted is None:
+                continue
+            if trigger == "after_audio_chunks":
+                count = self.record.audio_chunks - entry.audio_base
+            else:
+                count = self.text_messages - entry.text_base
+            if count == wanted:
+                await self.fire(id(entry), entry.fault)
         if self.faulted.is_set():
             raise _Faulted()
 
-    async def fire(self, index: int, fault: Fault) -> None:
-        """Carry out ``fault`` on this connection (once)."""
-        if index in self._fired or self.faulted.is_set() and fault.kind is not FaultKind.GO_AWAY:
+    async def fire(self, key: int, fault: Fault) -> None:
+        """Carry out ``fault`` on this connection (once per ``key``)."""
+        if key in self._fired or self.faulted.is_set() and fault.kind is not FaultKind.GO_AWAY:
             return
-        self._fired.add(index)
+        self._fired.add(key)
         if fault.kind is FaultKind.GO_AWAY:
             await self.emulator.send_go_away(self, fault)
             return
+        if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
+            return
         self.record.fault = fault
+        self.record.fault_at = time.monotonic()
         self.faulted.set()
         logger.debug(
             f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}"
@@ -173,6 +225,8 @@ class WebsocketEmulator:
         self._server: Server | None = None
         self._states: list[ConnectionState] = []
         self._records: dict[int, ConnectionRecord] = {}
+        self._pending: list[Fault] = []
+        self._pending_refusals: list[Fault] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Condition()
 
@@ -244,6 +298,24 @@ class WebsocketEmulator:
             raise RuntimeError(f"{self.name}: no open connection to inject {fault.kind.value} into")
         await states[-1].fire(-1 - len(states[-1]._fired), fault)
 
+    def arm(self, fault: Fault, *, on: str = "current") -> None:
+        """Plan ``fault`` while running, its trigger counted from now.
+
+        Args:
+            fault: The fault (its ``connection`` field is ignored).
+            on: ``"current"`` for the newest open connection (or the next one
+                if none is open), ``"next"`` for the next connection to open.
+                A refusal always applies to the next handshake.
+        """
+        if fault.kind is FaultKind.REFUSE:
+            self._pending_refusals.append(fault)
+            return
+        states = [s for s in self._states if not s.record.closed and not s.faulted.is_set()]
+        if on == "current" and states:
+            states[-1].arm(fault)
+        else:
+            self._pending.append(fault)
+
     async def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` handshakes have arrived."""
         async with self._connected:
@@ -257,6 +329,8 @@ class WebsocketEmulator:
         self._records[id(connection)] = record
         self._notify()
         refusal = self.plan.refusal(record.index)
+        if refusal is None and self._pending_refusals:
+            refusal = self._pending_refusals.pop(0)
         if refusal is not None:
             record.refused = refusal.status
             record.closed = True
@@ -283,6 +357,9 @@ class WebsocketEmulator:
         state = ConnectionState(self, ws, record)
         self._states.append(state)
         state.start_timers()
+        pending, self._pending = self._pending, []
+        for fault in pending:
+            state.arm(fault)
         try:
             await self.serve_connection(state)
         except (_Faulted, ConnectionClosed):

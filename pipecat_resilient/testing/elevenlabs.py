@@ -169,7 +169,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
             if session.auto_mode and context.spoken and not text[:1].isspace():
                 chars = " " + text
             context.spoken = True
-            delay = self.first_audio_delay + state.first_audio_delay
+            delay = self.first_audio_delay + state.take_first_audio_delay()
             if delay:
                 await asyncio.sleep(delay)
             for start in range(0, len(chars), self.chars_per_chunk):
@@ -181,6 +181,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
                     ms_per_char=self.ms_per_char,
                     message_end=last,
                     after=chars[start - 1] if start else " ",
+                    then=None if last else chars[start + self.chars_per_chunk],
                 )
                 if start and self.realtime:
                     await asyncio.sleep(len(chunk) * self.ms_per_char / 1000)

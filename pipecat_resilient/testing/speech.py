@@ -8,15 +8,16 @@ a pipeline *heard*, from the audio alone, without trusting text frames.
 
 Sample layout (little-endian signed 16-bit, always positive)::
 
-    bits  0-11  character code point (characters above U+0FFF become "?")
+    bits  0-10  character code point (characters above U+07FF become "?")
+    bit   11    WORD_END     last character of a word
     bit   12    WORD_START   first character of a word
     bit   13    PARITY       alternates per character, so "ll" is two runs
     bit   14    MESSAGE_END  last character of one text message
 
-A word is *heard* when all of its characters were played and it was ended by
-a space or the end of its message. A word whose audio was cut off (by a
-dropped socket or an interruption) is a *fragment*: a listener heard part of it.
-Zero samples are silence and are skipped.
+A word is *heard* when all of its characters were played, its last one
+included. A word whose audio was cut off (by a dropped socket or an
+interruption) is a *fragment*: a listener heard part of it. Zero samples are
+silence and are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "MESSAGE_END",
     "PARITY",
+    "WORD_END",
     "WORD_START",
     "HeardWord",
     "SpeechDecoder",
@@ -35,7 +37,8 @@ __all__ = [
     "samples_per_char",
 ]
 
-CODE_MASK = 0x0FFF
+CODE_MASK = 0x07FF
+WORD_END = 0x0800
 WORD_START = 0x1000
 PARITY = 0x2000
 MESSAGE_END = 0x4000
@@ -56,7 +59,13 @@ def samples_per_char(sample_rate: int, ms_per_char: float) -> int:
 
 
 def encode(
-    text: str, *, sample_rate: int, ms_per_char: float, message_end: bool = True, after: str = " "
+    text: str,
+    *,
+    sample_rate: int,
+    ms_per_char: float,
+    message_end: bool = True,
+    after: str = " ",
+    then: str | None = None,
 ) -> bytes:
     """Encode ``text`` as speech-code PCM.
 
@@ -67,6 +76,9 @@ def encode(
         message_end: Whether the last character closes a text message.
         after: The character spoken just before ``text`` (when a message is
             encoded in chunks), so a word split across chunks starts once.
+        then: The character spoken just after ``text``, so a word split
+            across chunks ends once (None: ``text`` ends its message, or a
+            space follows when ``message_end`` is False).
 
     Returns:
         Little-endian 16-bit mono PCM.
@@ -75,10 +87,14 @@ def encode(
     samples = array.array("h")
     previous = after or " "
     last = len(text) - 1
+    following = " " if then is None else (then or " ")
     for index, char in enumerate(text):
         value = _code(char)
         if not char.isspace() and previous.isspace():
             value |= WORD_START
+        following_char = text[index + 1] if index < last else following
+        if not char.isspace() and following_char.isspace():
+            value |= WORD_END
         if index % 2:
             value |= PARITY
         if message_end and index == last:
@@ -201,7 +217,8 @@ class SpeechDecoder:
     def _char(self, char: str, value: int, offset: int) -> None:
         if char == " ":
             if self._current:
-                self._emit(complete=True)
+                # A space after a word whose end was not heard: cut off.
+                self._emit(complete=False)
             return
         if value & WORD_START and self._current:
             # A new word began before the last one ended: the last was cut off.
@@ -209,7 +226,7 @@ class SpeechDecoder:
         if not self._current:
             self._current_offset = offset
         self._current.append(char)
-        if value & MESSAGE_END:
+        if value & (WORD_END | MESSAGE_END):
             self._emit(complete=True)
 
     def _emit(self, *, complete: bool) -> None:

@@ -1,0 +1,66 @@
+"""The chaos bench: a seeded schedule is reproducible, and the resilient side passes it (the CI gate)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipecat_resilient.chaos import (
+    FAULT_KINDS,
+    ChaosConfig,
+    format_table,
+    make_schedule,
+    run_chaos,
+    write_outputs,
+)
+
+
+def test_schedule_is_seeded_and_covers_the_mix() -> None:
+    """Same seed, same schedule; every requested fault kind can appear."""
+    config = ChaosConfig(seed=5, turns=60, faults=50)
+    schedule = make_schedule(config)
+    assert schedule == make_schedule(config)
+    assert schedule != make_schedule(ChaosConfig(seed=6, turns=60, faults=50))
+    assert sum(1 for t in schedule if t.fault) == 50
+    assert {t.fault for t in schedule if t.fault} == set(FAULT_KINDS)
+    assert {t.kind for t in schedule} == {"llm", "speak"}
+    assert all(t.interrupt_after is None for t in schedule if t.fault)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mix": ("close-9999",)}, "unknown fault kinds"),
+        ({"turns": 2, "faults": 3}, "faults <= turns"),
+        ({"turns": 0}, "turns >= 1"),
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict, message: str) -> None:
+    """Bad options fail before anything runs."""
+    with pytest.raises(ValueError, match=message):
+        ChaosConfig(**kwargs)
+
+
+async def test_short_seeded_schedule_loses_repeats_and_misreports_nothing(tmp_path) -> None:
+    """The CI gate: every fault kind once, through ResilientTTS and the stock service."""
+    config = ChaosConfig(
+        seed=7, turns=len(FAULT_KINDS) + 2, faults=len(FAULT_KINDS), interruptions=0.2, out=tmp_path
+    )
+    report = await run_chaos(config, stock=False)
+    resilient = report.resilient
+    assert {t.fault for t in report.schedule if t.fault} == set(FAULT_KINDS)
+    assert resilient.lost == []
+    assert resilient.repeated == []
+    assert resilient.unheard_in_context == []
+    assert resilient.heard_not_in_context == []
+    assert resilient.errors == 0
+    assert resilient.words_heard == resilient.words_expected > 0
+    assert report.passed
+    assert "PASS" in format_table(report)
+    written = write_outputs(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["passed"] is True
+    assert data["resilient"]["words_lost"] == 0
+    assert len(data["schedule"]) == config.turns
+    assert any(path.suffix == ".png" for path in written)

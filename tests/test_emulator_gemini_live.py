@@ -1,0 +1,565 @@
+"""The Gemini Live emulator, spoken to by the stock GeminiLiveLLMService and by a bare client.
+
+The stock-service tests run the service in a real pipeline
+(``recorder -> user aggregator -> llm -> listener -> assistant aggregator``)
+over TLS on 127.0.0.1, and pin down how it behaves when the connection fails:
+these are the failures the product exists to fix, so if Pipecat ever fixes
+them, these tests fail and we want to know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
+from pipecat.frames.frames import (
+    ErrorFrame,
+    Frame,
+    InputAudioRawFrame,
+    InputTextRawFrame,
+    LLMContextFrame,
+    StartFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
+from pipecat.services.llm_service import FunctionCallParams
+from pipecat.workers.runner import WorkerRunner
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from pipecat_resilient.testing import Fault, FaultPlan, GeminiLiveEmulator, ToolCall
+from pipecat_resilient.testing.gemini_live import (
+    INVALID_ARGUMENT,
+    LAST_CHUNK_BEFORE_TURN_COMPLETE,
+    PATH,
+)
+from pipecat_resilient.testing.harness import Listener, UpstreamRecorder
+from pipecat_resilient.testing.speech import SpeechDecoder, encode, samples_per_char
+
+from .conftest import UNIT
+
+# Every wait in this file; a passing test takes a fraction of it.
+TIMEOUT = 30 * UNIT
+MODEL = "models/gemini-2.5-flash-native-audio-preview-12-2025"
+MODEL_3 = "models/gemini-3.8-live"
+STORY = "Once upon a time there was a socket that never closed."
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+@dataclass
+class LiveRun:
+    """The stock service in a pipeline, with a listener where the output transport would be."""
+
+    llm: GeminiLiveLLMService
+    spc: int
+    context: LLMContext = field(default_factory=LLMContext)
+    listener: Listener = field(init=False)
+    recorder: UpstreamRecorder = field(init=False)
+    _worker: PipelineWorker | None = field(init=False, default=None)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.listener = Listener(self.spc, name="Listener")
+        self.recorder = UpstreamRecorder(name="UpstreamRecorder")
+
+    async def __aenter__(self) -> LiveRun:
+        pair = LLMContextAggregatorPair(self.context)
+        pipeline = Pipeline([self.recorder, pair.user(), self.llm, self.listener, pair.assistant()])
+        self._worker = PipelineWorker(
+            pipeline, params=PipelineParams(), cancel_on_idle_timeout=False, check_dangling_tasks=False
+        )
+        started = asyncio.Event()
+
+        @self._worker.event_handler("on_pipeline_started")  # type: ignore[untyped-decorator]
+        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
+            started.set()
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self._worker)
+        self._task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Cancel rather than end: a reply left open defers an EndFrame for 30 s.
+        assert self._worker is not None and self._task is not None
+        await asyncio.wait_for(self._worker.cancel(), TIMEOUT)
+        await asyncio.wait_for(self._task, TIMEOUT)
+
+    async def send(self, *frames: Frame) -> None:
+        assert self._worker is not None
+        for frame in frames:
+            await self._worker.queue_frame(frame)
+
+    async def start_conversation(self, user_text: str | None = None) -> None:
+        """Hand the service its context (which answers ``user_text`` when given)."""
+        if user_text is not None:
+            self.context.add_message({"role": "user", "content": user_text})
+        await self.send(LLMContextFrame(self.context))
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; checked after every frame at the listener."""
+        await self.listener.wait_until(predicate, TIMEOUT)
+
+    async def wait_ready(self) -> None:
+        """Wait until the service has a session that takes realtime input.
+
+        Input sent before then is dropped by the stock service, and nothing
+        downstream marks the moment, so this reads its state.
+        """
+        llm = self.llm
+        async with asyncio.timeout(TIMEOUT):
+            while not (llm._session is not None and llm._ready_for_realtime_input):
+                await asyncio.sleep(UNIT / 20)
+
+    async def speak(self, text: str) -> None:
+        """Say ``text`` as the user would, in 20 ms frames of 16 kHz speech-code audio."""
+        audio = encode(text, sample_rate=16000, ms_per_char=10)
+        frame_bytes = 640
+        await self.send(
+            *[
+                InputAudioRawFrame(audio=audio[i : i + frame_bytes], sample_rate=16000, num_channels=1)
+                for i in range(0, len(audio), frame_bytes)
+            ]
+        )
+
+    @property
+    def assistant_texts(self) -> list[str]:
+        return [
+            str(m.get("content"))
+            for m in self.context.get_messages()
+            if isinstance(m, dict) and m.get("role") == "assistant"
+        ]
+
+    @property
+    def errors(self) -> list[ErrorFrame]:
+        return self.recorder.errors
+
+
+def stock(emulator: GeminiLiveEmulator, *, model: str = MODEL, **kwargs: Any) -> GeminiLiveLLMService:
+    """The stock service, pointed at ``emulator``."""
+    return GeminiLiveLLMService(
+        api_key="test-key",
+        http_options=emulator.http_options(),
+        settings=GeminiLiveLLMService.Settings(model=model),
+        **kwargs,
+    )
+
+
+# -- the stock service against the emulator ------------------------------------
+
+
+@pytest.mark.parametrize("model", [MODEL, MODEL_3])
+async def test_text_turns_are_answered_in_speech(model: str) -> None:
+    """A seeded user turn and a realtime text turn each get their scripted reply, heard in full."""
+    script = {"Hello there.": "Hi! How can I help you today?"}
+    async with GeminiLiveEmulator(script=script, api_key="test-key") as emulator:
+        async with LiveRun(stock(emulator, model=model), emulator.samples_per_char()) as run:
+            await run.start_conversation("Hello there.")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+            await run.wait_ready()
+            await run.send(InputTextRawFrame("What time is it?"))
+            await run.wait_until(lambda: len(run.assistant_texts) == 2)
+
+        assert run.listener.heard == words("Hi! How can I help you today? You said: What time is it.")
+        assert run.listener.fragments == []
+        assert run.listener.kinds() == ["started", "response-start", "stopped", "response-end"] * 2
+        # Stock: the service passes the InputTextRawFrame on downstream, and the
+        # assistant aggregator writes the user's text into the assistant message.
+        assert run.assistant_texts == [
+            "Hi! How can I help you today?",
+            "What time is it? You said: What time is it.",
+        ]
+        assert run.errors == []
+        # What the emulator received: one connection, both casings of a live setup.
+        assert len(emulator.connections) == 1
+        setup = emulator.setup(0)
+        assert setup is not None and setup["model"] == model and setup["sessionResumption"] == {}
+        assert emulator.user_texts() == ["Hello there.", "What time is it?"]
+        contents = emulator.client_messages("client_content", 0)
+        assert contents == [
+            {"turns": [{"parts": [{"text": "Hello there."}], "role": "user"}], "turnComplete": True}
+        ]
+        nudges = [{"text": " "}] if model == MODEL_3 else []
+        assert emulator.client_messages("realtime_input", 0) == [*nudges, {"text": "What time is it?"}]
+        # The model's turn: audio chunks, each followed by its transcription.
+        kinds = emulator.sent_kinds(0)
+        assert kinds[:2] == ["setupComplete", "sessionResumptionUpdate"]
+        assert kinds.count("turnComplete") == 2
+        transcripts = [
+            m["serverContent"]["outputTranscription"]["text"]
+            for m in emulator.sent(0)
+            if "outputTranscription" in m.get("serverContent", {})
+        ]
+        assert "".join(transcripts) == "Hi! How can I help you today?You said: What time is it."
+
+
+async def test_tool_call_round_trips() -> None:
+    """A scripted tool call runs the registered function once; its result reaches the model, which answers."""
+    script = {"What's the weather in Paris?": ToolCall("get_weather", {"city": "Paris"})}
+    tools = ToolsSchema(
+        standard_tools=[
+            FunctionSchema(
+                name="get_weather",
+                description="Current weather in a city.",
+                properties={"city": {"type": "string"}},
+                required=["city"],
+            )
+        ]
+    )
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def get_weather(params: FunctionCallParams) -> None:
+        calls.append((params.tool_call_id, dict(params.arguments)))
+        await params.result_callback({"temperature": 21, "sky": "clear"})
+
+    async with GeminiLiveEmulator(script=script) as emulator:
+        llm = stock(emulator, tools=tools)
+        llm.register_function("get_weather", get_weather)
+        async with LiveRun(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation("What's the weather in Paris?")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+
+        reply = "The get_weather result is temperature 21, sky clear."
+        assert calls == [("function-call-1", {"city": "Paris"})]
+        assert emulator.function_responses() == [
+            {"id": "function-call-1", "name": "get_weather", "response": {"temperature": 21, "sky": "clear"}}
+        ]
+        assert len(emulator.client_messages("tool_response", 0)) == 1
+        assert run.listener.heard == words(reply)
+        assert run.listener.kinds() == ["started", "response-start", "stopped", "response-end"]
+        assert run.errors == []
+        declarations = emulator.setup(0)["tools"][0]["functionDeclarations"]  # type: ignore[index]
+        assert [d["name"] for d in declarations] == ["get_weather"]
+        assert "toolCall" in emulator.sent_kinds(0)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.close(1011, "Internal error encountered.", after_audio_chunks=3),
+        Fault.close(1007, LAST_CHUNK_BEFORE_TURN_COMPLETE, after_audio_chunks=3),
+        Fault.abort(after_audio_chunks=3),
+    ],
+    ids=["1011", "1007", "abort"],
+)
+async def test_drop_mid_reply_resumes_but_leaves_the_reply_open(fault: Fault) -> None:
+    """Stock: a drop mid-reply reconnects with the last handle, silently, and never closes the cut reply.
+
+    The next reply is glued onto the cut one: no new start frames, a single
+    stop at its end, and one assistant message holding both.
+    """
+    async with GeminiLiveEmulator(script={"Tell me a story.": STORY}, plan=FaultPlan(fault)) as emulator:
+        llm = stock(emulator)
+        async with LiveRun(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation("Tell me a story.")
+            await emulator.wait_for_connections(2, TIMEOUT)
+            await run.wait_ready()
+            # Reconnected, and the cut reply is still open: no stop, no end.
+            assert run.listener.kinds() == ["started", "response-start"]
+            assert llm._bot_is_responding
+            await run.speak("Are you there?")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+
+        # It resumed with the handle issued before the cut reply began.
+        assert emulator.handles_issued(0) == ["handle-1"]
+        assert emulator.resumption_handle(1) == "handle-1"
+        assert emulator.client_messages("client_content", 1) == []
+        # The listener heard three chunks of the story, then the next reply.
+        assert run.listener.heard == words("Once upon a") + words("You said: Are you there.")
+        assert run.listener.fragments == ["tim"]
+        # One start and one stop for two replies: the cut one was never closed,
+        # so the context gets one assistant message, which holds the transcript
+        # of both (the third chunk's transcription had not arrived at the cut).
+        assert run.listener.kinds() == ["started", "response-start", "stopped", "response-end"]
+        assert run.assistant_texts == ["Once upon You said: Are you there."]
+        assert run.errors == []
+
+
+async def test_go_away_is_ignored() -> None:
+    """Stock: a GoAway changes nothing; the service reconnects only once the server closes."""
+    plan = FaultPlan(Fault.go_away(5 * UNIT, after_text_messages=1))
+    async with GeminiLiveEmulator(plan=plan) as emulator:
+        async with LiveRun(stock(emulator), emulator.samples_per_char()) as run:
+            await run.start_conversation("Hello.")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+            connections_after_reply = len(emulator.connections)
+            await emulator.wait_for_connections(2, TIMEOUT)
+
+        assert "goAway" in emulator.sent_kinds(0)
+        assert emulator.sent(0)[emulator.sent_kinds(0).index("goAway")] == {"goAway": {"timeLeft": "0.500s"}}
+        # The reply went on over the condemned connection, and nothing was sent in answer.
+        assert connections_after_reply == 1
+        assert run.listener.heard == words("You said: Hello.")
+        assert [next(iter(m)) for m in emulator.connections[0].messages] == ["setup", "client_content"]
+        # The new connection came only after the server's close when time was up.
+        go_away_at = emulator.go_away_sent_at(0)
+        assert go_away_at is not None
+        assert emulator.connections[1].opened_at - go_away_at >= 5 * UNIT
+        assert emulator.connections[0].fault is not None and emulator.connections[0].fault.code == 1008
+        assert emulator.resumption_handle(1) == emulator.handles_issued(0)[-1] == "handle-2"
+        assert run.errors == []
+
+
+@pytest.mark.parametrize("refusal", ["resumption", "http-503"])
+async def test_refused_reconnect_leaves_the_service_dead(refusal: str) -> None:
+    """Stock: a reconnect refused before setupComplete ends the service for good, with no error frame.
+
+    ``connect()`` raises in the connection task, outside the code that counts
+    failures and reconnects; Pipecat only logs it.
+    """
+    plan = FaultPlan(Fault.close(1011, after_audio_chunks=2))
+    if refusal == "http-503":
+        plan.add(Fault.refuse(503, connection=1))
+    async with GeminiLiveEmulator(plan=plan, refuse_resumption=refusal == "resumption") as emulator:
+        llm = stock(emulator)
+        async with LiveRun(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation("Tell me a story.")
+            await emulator.wait_for_connections(2, TIMEOUT)
+            # Nothing marks the end downstream: wait for the service's connection task.
+            async with asyncio.timeout(TIMEOUT):
+                while not (llm._connection_task is not None and llm._connection_task.done()):
+                    await asyncio.sleep(UNIT / 20)
+            assert llm._session is None
+
+        assert len(emulator.connections) == 2
+        if refusal == "resumption":
+            assert emulator.resumption_handle(1) == "handle-1"
+            fault = emulator.connections[1].fault
+            assert fault is not None and (fault.code, fault.reason) == (1007, INVALID_ARGUMENT)
+            assert emulator.sent_kinds(1) == []
+        else:
+            assert emulator.connections[1].refused == 503
+        assert run.listener.kinds() == ["started", "response-start"]
+        assert run.errors == []
+
+
+async def test_user_audio_is_transcribed_into_the_context_and_answered() -> None:
+    """Speech-code user audio is decoded, sent back as inputTranscription, and answered."""
+    question = "What time is it?"
+    async with GeminiLiveEmulator() as emulator:
+        async with LiveRun(stock(emulator), emulator.samples_per_char()) as run:
+            await run.start_conversation()
+            await run.wait_ready()
+            await run.speak(question)
+            await run.wait_until(lambda: len(run.assistant_texts) == 1)
+
+        assert emulator.user_texts() == [question]
+        assert {"serverContent": {"inputTranscription": {"text": question}}} in emulator.sent(0)
+        assert run.listener.heard == words("You said: What time is it.")
+        users = [m for m in run.context.get_messages() if isinstance(m, dict) and m.get("role") == "user"]
+        assert [m.get("content") for m in users] == [question]
+
+
+async def test_activity_window_turns_with_server_vad_off() -> None:
+    """With server VAD off, an utterance is the audio between activityStart and activityEnd."""
+    settings = GeminiLiveLLMService.Settings(model=MODEL, vad=GeminiVADParams(disabled=True))
+    async with GeminiLiveEmulator() as emulator:
+        llm = GeminiLiveLLMService(api_key="k", http_options=emulator.http_options(), settings=settings)
+        async with LiveRun(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation()
+            await run.wait_ready()
+            await run.send(UserStartedSpeakingFrame())
+            await run.speak("Good morning.")
+            await run.send(UserStoppedSpeakingFrame())
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+
+        setup = emulator.setup(0) or {}
+        assert setup["realtimeInputConfig"] == {"automatic_activity_detection": {"disabled": True}}
+        inputs = [next(iter(m)) for m in emulator.client_messages("realtime_input", 0)]
+        assert inputs[0] == "activityStart" and inputs[-1] == "activityEnd"
+        assert set(inputs[1:-1]) == {"audio"}
+        assert emulator.user_texts() == ["Good morning."]
+        assert run.listener.heard == words("You said: Good morning.")
+
+
+# -- the protocol, with a bare client -------------------------------------------
+
+
+async def raw_connect(emulator: GeminiLiveEmulator, **setup: Any) -> ClientConnection:
+    """Open a connection and send a camelCase setup; returns after setupComplete."""
+    ws = await connect(
+        emulator.url + PATH, ssl=emulator.client_ssl_context, additional_headers={"x-goog-api-key": "k"}
+    )
+    setup = {"model": "models/test", "outputAudioTranscription": {}, **setup}
+    await ws.send(json.dumps({"setup": setup}))
+    assert json.loads(await ws.recv()) == {"setupComplete": {}}
+    return ws
+
+
+async def receive_until(ws: ClientConnection, key: str) -> list[dict[str, Any]]:
+    """Messages up to and including the first whose top level or serverContent has ``key``."""
+    messages = []
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            message = json.loads(await ws.recv())
+            messages.append(message)
+            if key in message or key in message.get("serverContent", {}):
+                return messages
+
+
+def heard_in(messages: list[dict[str, Any]]) -> list[str]:
+    """The words the reply audio in ``messages`` decodes to."""
+    decoder = SpeechDecoder(samples_per_char(24000, 10))
+    for message in messages:
+        for part in message.get("serverContent", {}).get("modelTurn", {}).get("parts", []):
+            decoder.feed(base64.b64decode(part["inlineData"]["data"]))
+    return decoder.heard()
+
+
+def transcript_of(messages: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["serverContent"]["outputTranscription"]["text"]
+        for m in messages
+        if "outputTranscription" in m.get("serverContent", {})
+    )
+
+
+async def test_camel_case_messages_and_transparent_resumption() -> None:
+    """camelCase client messages work like snake_case; a resumed session keeps the handle's history."""
+    script = {"Check the time.": ToolCall("clock", reply=lambda r: f"It is {r['now']}.")}
+    async with GeminiLiveEmulator(script=script) as emulator:
+        ws = await raw_connect(emulator, sessionResumption={"transparent": True})
+        first = json.loads(await ws.recv())["sessionResumptionUpdate"]
+        assert first == {"newHandle": "handle-1", "resumable": True, "lastConsumedClientMessageIndex": "0"}
+        await ws.send(
+            json.dumps(
+                {
+                    "clientContent": {
+                        "turns": [{"role": "user", "parts": [{"text": "Hi."}]}],
+                        "turnComplete": True,
+                    }
+                }
+            )
+        )
+        reply = await receive_until(ws, "turnComplete")
+        assert transcript_of(reply) == "You said: Hi."
+        assert reply[-1]["usageMetadata"] == {
+            "promptTokenCount": 1,
+            "responseTokenCount": 3,
+            "totalTokenCount": 4,
+        }
+        update = json.loads(await ws.recv())["sessionResumptionUpdate"]
+        assert update == {"newHandle": "handle-2", "resumable": True, "lastConsumedClientMessageIndex": "1"}
+        await ws.send(json.dumps({"realtimeInput": {"text": "Check the time."}}))
+        call = (await receive_until(ws, "toolCall"))[-1]["toolCall"]["functionCalls"][0]
+        assert call == {"id": "function-call-1", "name": "clock", "args": {}}
+        response = {"id": call["id"], "name": "clock", "response": {"now": "noon"}}
+        await ws.send(json.dumps({"toolResponse": {"functionResponses": [response]}}))
+        reply = await receive_until(ws, "turnComplete")
+        assert heard_in(reply) == words("It is noon.")
+        await ws.close()
+        assert emulator.function_responses() == [response]
+
+        # Resuming with handle-2 restores the session as it was after the first reply.
+        ws = await raw_connect(emulator, session_resumption={"handle": "handle-2"})
+        assert emulator.resumption_handle() == "handle-2"
+        assert emulator.history() == [("user", "Hi."), ("model", "You said: Hi.")]
+        await ws.close()
+
+
+async def test_new_input_interrupts_a_reply() -> None:
+    """User text during a reply stops it and sends interrupted, then the new reply follows."""
+    async with GeminiLiveEmulator(realtime=True) as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": STORY}}))
+        await receive_until(ws, "modelTurn")
+        await ws.send(json.dumps({"realtime_input": {"text": "Stop."}}))
+        messages = await receive_until(ws, "interrupted")
+        reply = await receive_until(ws, "turnComplete")
+        await ws.close()
+        assert not any("turnComplete" in m.get("serverContent", {}) for m in messages)
+        assert heard_in(reply) == words("You said: Stop.")
+        assert emulator.history()[-1] == ("model", "You said: Stop.")
+
+
+async def test_user_audio_in_any_framing_splits_into_utterances() -> None:
+    """Speech-code audio ends an utterance where its message ends, even inside a frame."""
+    audio = encode("One.", sample_rate=16000, ms_per_char=10) + encode(
+        "Two.", sample_rate=16000, ms_per_char=10
+    )
+    async with GeminiLiveEmulator() as emulator:
+        ws = await raw_connect(emulator, inputAudioTranscription={})
+        for start in range(0, len(audio), 334):
+            blob = {
+                "data": base64.urlsafe_b64encode(audio[start : start + 334]).decode(),
+                "mimeType": "audio/pcm;rate=16000",
+            }
+            await ws.send(json.dumps({"realtimeInput": {"audio": blob}}))
+        messages = await receive_until(ws, "turnComplete")
+        await ws.close()
+    transcriptions = [
+        m["serverContent"]["inputTranscription"]["text"]
+        for m in messages
+        if "inputTranscription" in m.get("serverContent", {})
+    ]
+    assert transcriptions == ["One.", "Two."]
+    assert emulator.user_texts() == ["One.", "Two."]
+    assert heard_in(messages) == words("You said: Two.")
+
+
+async def test_go_away_at_open_then_close_when_time_is_up() -> None:
+    """A GoAway planned for the connection's start follows setupComplete; the close follows its time."""
+    plan = FaultPlan(Fault.go_away(UNIT))
+    async with GeminiLiveEmulator(plan=plan, go_away_close=(1008, "bye")) as emulator:
+        ws = await raw_connect(emulator)
+        assert json.loads(await ws.recv()) == {"goAway": {"timeLeft": "0.100s"}}
+        with pytest.raises(ConnectionClosedError) as closed:
+            await ws.recv()
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "bye")  # type: ignore[union-attr]
+
+
+async def test_invalid_messages_and_refused_resumptions_close_with_1007() -> None:
+    """A field the real service rejects, and an unknown or expired handle, close with 1007."""
+    async with GeminiLiveEmulator() as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "hi", "turnComplete": True}}))
+        with pytest.raises(ConnectionClosedError) as closed:
+            await receive_until(ws, "never")
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1007, INVALID_ARGUMENT)  # type: ignore[union-attr]
+
+        for handle in ["no-such-handle", "handle-1"]:
+            emulator.expire_handles()
+            ws = await connect(emulator.url + PATH, ssl=emulator.client_ssl_context)
+            await ws.send(json.dumps({"setup": {"sessionResumption": {"handle": handle}}}))
+            with pytest.raises(ConnectionClosedError) as closed:
+                await ws.recv()
+            assert closed.value.rcvd.code == 1007  # type: ignore[union-attr]
+
+
+async def test_faults_on_user_input_and_handshakes() -> None:
+    """after_text_messages leaves the Nth input unanswered; refusals, keys and paths answer HTTP errors."""
+    plan = FaultPlan(Fault.close(1011, after_text_messages=2), Fault.refuse(503, connection=1))
+    async with GeminiLiveEmulator(plan=plan, api_key="k") as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "One."}}))
+        await receive_until(ws, "turnComplete")
+        await ws.send(json.dumps({"realtime_input": {"text": "Two."}}))
+        with pytest.raises(ConnectionClosedError) as closed:
+            await receive_until(ws, "never")
+        assert closed.value.rcvd.code == 1011  # type: ignore[union-attr]
+        assert emulator.user_texts(0) == ["One.", "Two."]
+
+        for url, headers, status in [
+            (emulator.url + PATH, {"x-goog-api-key": "k"}, 503),
+            (emulator.url + PATH, {"x-goog-api-key": "wrong"}, 401),
+            (emulator.url + "/ws/other", {"x-goog-api-key": "k"}, 404),
+        ]:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url, ssl=emulator.client_ssl_context, additional_headers=headers)
+            assert refused.value.response.status_code == status
