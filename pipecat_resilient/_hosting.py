@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -22,14 +23,18 @@ from typing import Any, Generic, TypeVar
 
 from loguru import logger
 from pipecat.frames.frames import ErrorFrame, Frame, StartFrame
-from pipecat.pipeline.pipeline import PipelineSink, PipelineSource
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.processors.frame_processor import (
+    FrameCallback,
+    FrameDirection,
+    FrameProcessor,
+    FrameProcessorSetup,
+)
 from websockets.protocol import State as SocketState
 
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception
 from pipecat_resilient.policy import RetryPolicy
 
-__all__ = ["Episode", "Host", "Hosted", "HostedState"]
+__all__ = ["Episode", "Host", "Hosted", "HostedState", "Port"]
 
 S = TypeVar("S", bound=FrameProcessor)
 
@@ -39,6 +44,29 @@ RETIRE_TIMEOUT_S = 10.0
 # A replacement that has been up this long without failing ends the recovery
 # episode, even if it had nothing to say (Pipecat's quick-failure window).
 STABLE_AFTER_S = 5.0
+
+
+class Port(FrameProcessor):
+    """Where a hosted instance's frames come out: straight into a callback.
+
+    Linked on each side of the instance in place of its neighbours. It
+    overrides ``queue_frame`` so a frame costs one call, with no queue, task
+    or observer notification of its own (the owner's push is the one observed).
+    """
+
+    def __init__(self, receive: Callable[[Frame], Awaitable[None]], *, name: str) -> None:
+        """Create a port that hands every frame to ``receive``."""
+        super().__init__(name=name, enable_direct_mode=True)
+        self._receive = receive
+
+    async def queue_frame(
+        self,
+        frame: Frame,
+        direction: FrameDirection = FrameDirection.DOWNSTREAM,
+        callback: FrameCallback | None = None,
+    ) -> None:
+        """Hand the frame over at once."""
+        await self._receive(frame)
 
 
 class HostedState(Enum):
@@ -57,8 +85,8 @@ class Hosted(Generic[S]):
     service: S
     generation: int
     state: HostedState = HostedState.CONNECTING
-    inlet: PipelineSource | None = None
-    outlet: PipelineSink | None = None
+    inlet: Port | None = None
+    outlet: Port | None = None
     # Failures reported while connecting.
     failures: list[Failure] = field(default_factory=list)
     # Frames to drop when they come back out (fed only to drive the instance).
@@ -181,19 +209,13 @@ class Host(Generic[S]):
         if hasattr(service, "_reconnect_on_error"):
             service._reconnect_on_error = False
         name = f"{self._owner}::{service}"
-        hosted.inlet = PipelineSource(partial(self._route_up, hosted), name=f"{name}::inlet")
-        hosted.outlet = PipelineSink(partial(self._route_down, hosted), name=f"{name}::outlet")
+        hosted.inlet = Port(partial(self._upstream, hosted), name=f"{name}::inlet")
+        hosted.outlet = Port(partial(self._downstream, hosted), name=f"{name}::outlet")
         hosted.inlet.link(service)
         service.link(hosted.outlet)
         self._prepare(hosted)
         self.all.append(hosted)
         return hosted
-
-    async def _route_down(self, hosted: Hosted[S], frame: Frame, direction: FrameDirection) -> None:
-        await self._downstream(hosted, frame)
-
-    async def _route_up(self, hosted: Hosted[S], frame: Frame, direction: FrameDirection) -> None:
-        await self._upstream(hosted, frame)
 
     # -- connecting ------------------------------------------------------------
 
@@ -205,6 +227,9 @@ class Host(Generic[S]):
         Returns:
             The failure, if setting up failed or reported a connection error.
         """
+        # The hosted instance stays out of the pipeline's observers: they see
+        # its frames once, pushed by the owner, as if the owner were the service.
+        setup = dataclasses.replace(setup, observer=None)
         try:
             async with asyncio.timeout(timeout):
                 await hosted.service.setup(setup)

@@ -472,6 +472,26 @@ class ResilientTTS(FrameProcessor):
 
         service.run_tts = run_tts_observed  # type: ignore[method-assign]
 
+        # Connection errors are ours to handle: the stock service would log
+        # each at ERROR although it is about to be recovered (or, once given
+        # up, reported by this processor, once).
+        push_error_frame = service.push_error_frame
+
+        async def push_error_frame_observed(
+            error: ErrorFrame, force_treat_as_permanent: bool = False
+        ) -> None:
+            if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
+                logger.debug(f"{self}: {service} (retired) reported: {error.error}")
+                return
+            if Host.failure_from(hosted, error) is not None:
+                logger.debug(f"{self}: {service} reported: {error.error}")
+                error.processor = error.processor or service
+                await self._on_instance_upstream(hosted, error)
+                return
+            await push_error_frame(error, force_treat_as_permanent=force_treat_as_permanent)
+
+        service.push_error_frame = push_error_frame_observed  # type: ignore[method-assign]
+
         async def connected(processor: FrameProcessor) -> None:
             if hosted.state is not HostedState.RETIRED:
                 await self._call_event_handler("on_connected")
