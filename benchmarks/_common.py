@@ -114,7 +114,7 @@ async def speak(side: str, url: str, utterances: int, *, ms_per_char: float, sam
         frames_before = len(listener.audio_times)
         sent = time.monotonic()
         await run.send(TTSSpeakFrame(SENTENCES[index % len(SENTENCES)]))
-        await run.wait_until(lambda: listener.stopped >= index + 2, 30)
+        await run.wait_until(lambda n=index + 2: listener.stopped >= n, 30)
         first_audio.append(listener.audio_times[frames_before][0] - sent)
     cpu = time.process_time() - cpu
     wall = time.perf_counter() - wall

@@ -104,7 +104,8 @@ async def main(minutes: float, checkpoints: int) -> None:
         f"{minutes:g} minutes of speech per side ({MS_PER_CHAR:g} ms per character), sent as fast as possible"
     )
     print(
-        f"{'speech':>8}  {'bare RSS':>10}  {'resilient RSS':>14}  {'pipecat_resilient allocations':>30}  {'ledger pieces':>14}"
+        f"{'speech':>8}  {'bare RSS':>10}  {'resilient RSS':>14}  "
+        f"{'pipecat_resilient allocations':>30}  {'ledger pieces':>14}"
     )
     for (minute, bare_rss, _, _), (_, res_rss, ours, pieces) in zip(
         results["bare"], results["resilient"], strict=True

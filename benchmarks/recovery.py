@@ -58,7 +58,7 @@ async def main(faults: int, first_audio_delay: float) -> None:
         for index in range(faults):
             emulator.arm(kinds[index % len(kinds)])
             await run.send(TTSSpeakFrame(SENTENCES[index % len(SENTENCES)]))
-            await run.wait_until(lambda: run.listener.stopped >= index + 1, 30)
+            await run.wait_until(lambda n=index + 1: run.listener.stopped >= n, 30)
         await run.end()
         recoveries = []
         for before, after in zip(emulator.connections, emulator.connections[1:], strict=False):
@@ -66,7 +66,8 @@ async def main(faults: int, first_audio_delay: float) -> None:
                 recoveries.append(after.first_audio_at - before.fault_at)
     ours = [r - median(own) for r in recoveries]
     print(
-        f"{len(recoveries)} drops (close 1012, close 1011, abort), emulator first-audio delay {first_audio_delay * 1000:.0f}ms"
+        f"{len(recoveries)} drops (close 1012, close 1011, abort), "
+        f"emulator first-audio delay {first_audio_delay * 1000:.0f}ms"
     )
     print(f"{'':44}{'p50':>10}{'p95':>10}{'max':>10}")
     for label, values in (
