@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,6 @@ from pipecat.frames.frames import (
     ControlFrame,
     EagerTranscriptionFrame,
     EndFrame,
-    ErrorFrame,
     Frame,
     InterimTranscriptionFrame,
     InterruptionFrame,
@@ -43,16 +41,15 @@ from pipecat.frames.frames import (
     TTSTextFrame,
     TTSUpdateSettingsFrame,
 )
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.tts_service import TTSService
-from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, now, socket_open
-from pipecat_resilient.errors import ReplayFailed
+from pipecat_resilient._hosting import Episode, Hosted, HostedState, now, socket_open
+from pipecat_resilient._resilient import RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
-from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
+from pipecat_resilient.policy import RetryPolicy
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
 
@@ -66,27 +63,7 @@ class _DrainMarker(ControlFrame):
     """Appended behind a failed instance's received audio; marks where to cut it off."""
 
 
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    """What one recovery did, passed to ``on_connection_recovered``.
-
-    Parameters:
-        failure: The failure that started it.
-        attempts: Connection attempts it took.
-        downtime: Seconds from the drop being detected to the fresh instance
-            being fed the replay.
-        replayed_utterances: Utterances replayed (in part or whole).
-        replayed_chars: Characters of text replayed.
-    """
-
-    failure: Failure | None
-    attempts: int
-    downtime: float
-    replayed_utterances: int
-    replayed_chars: int
-
-
-class ResilientTTS(FrameProcessor):
+class ResilientTTS(ResilientProcessor[TTSService]):
     """A TTS processor that survives provider connection failures without losing a word.
 
     Put it where the stock TTS service would go. It owns one live service
@@ -141,11 +118,6 @@ class ResilientTTS(FrameProcessor):
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
-        super().__init__(**kwargs)
-        if retry is None:
-            retry = DEFAULT_RETRY
-        if not isinstance(retry, RetryPolicy):
-            raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
         for name, value in (("first_audio_timeout", first_audio_timeout), ("stall_timeout", stall_timeout)):
             if (
                 isinstance(value, bool)
@@ -154,28 +126,15 @@ class ResilientTTS(FrameProcessor):
                 or value <= 0
             ):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        self._retry = retry
         self._ledger = Ledger(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
-        self._live: Hosted[TTSService] | None = None
-        self._setup_data: FrameProcessorSetup | None = None
-        self._start_frame: StartFrame | None = None
-        self._first_failure: Failure | None = None
         self._settings: list[TTSUpdateSettingsFrame] = []
-        self._episode: Episode | None = None
-        self._lost_at: float | None = None
-        self._ended = False
-        self._rng = random.Random()
-        self._feed_lock = asyncio.Lock()
-        self._watchdog_task: asyncio.Task[None] | None = None
-        self._recovery_task: asyncio.Task[None] | None = None
-        self._draining: Hosted[TTSService] | None = None
-        self._host: Host[TTSService] = Host(
-            self,
+        super().__init__(
             factory,
             TTSService,  # type: ignore[type-abstract]
-            downstream=self._on_instance_downstream,
-            upstream=self._on_instance_upstream,
-            prepare=self._prepare,
+            journal=self._ledger,
+            retry=retry,
+            watchdog_tick=max(0.01, min(first_audio_timeout, stall_timeout) / 5),
+            **kwargs,
         )
         stop_timeout = getattr(self._host.first.service, "_stop_frame_timeout_s", None)
         longest = max(first_audio_timeout, stall_timeout)
@@ -184,14 +143,7 @@ class ResilientTTS(FrameProcessor):
                 f"first_audio_timeout and stall_timeout ({longest:g}s) must be shorter than the service's "
                 f"stop_frame_timeout_s ({stop_timeout:g}s): after that Pipecat reports unheard text as spoken"
             )
-        for event in (
-            "on_connection_lost",
-            "on_connection_recovered",
-            "on_connection_given_up",
-            "on_connected",
-            "on_disconnected",
-            "on_tts_request",
-        ):
+        for event in ("on_connected", "on_disconnected", "on_tts_request"):
             self._register_event_handler(event)
 
     # ------------------------------------------------------------------
@@ -199,55 +151,9 @@ class ResilientTTS(FrameProcessor):
     # ------------------------------------------------------------------
 
     @property
-    def service(self) -> TTSService | None:
-        """The live stock service instance, or None while recovering."""
-        return self._live.service if self._live is not None else None
-
-    @property
-    def state(self) -> State:
-        """Whether it is live, recovering, or has given up."""
-        return self._ledger.state
-
-    @property
     def ledger(self) -> Ledger:
         """The ledger of text in flight (read-only use)."""
         return self._ledger
-
-    # ------------------------------------------------------------------
-    # Lifecycle
-    # ------------------------------------------------------------------
-
-    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
-        """Set up the processor and its first service instance (which connects here)."""
-        await super().setup(setup)
-        self._setup_data = setup
-        self._first_failure = await self._host.set_up(self._host.first, setup, self._retry.attempt_timeout)
-
-    async def cleanup(self) -> None:
-        """Tear down every service instance."""
-        await super().cleanup()
-        self._ended = True
-        await self._stop_tasks()
-        self._live = None
-        await self._host.close()
-
-    async def set_usable(self, is_usable: bool) -> None:
-        """Bring the processor back after it gave up (or write it off).
-
-        Setting it usable again after recovery gave up connects a fresh
-        instance for the text that comes next.
-        """
-        await super().set_usable(is_usable)
-        if (
-            is_usable
-            and self._ledger.state is State.FAILED
-            and self._start_frame is not None
-            and not self._ended
-        ):
-            self._ledger.revived()
-            self._lost_at = now()
-            self._episode = None
-            self._recovery_task = self.create_task(self._recover(None), name="recovery")
 
     # ------------------------------------------------------------------
     # Frames in
@@ -273,39 +179,6 @@ class ResilientTTS(FrameProcessor):
         else:
             self._accept(frame)
             await self._feed_pending()
-
-    async def _start(self, frame: StartFrame) -> None:
-        self._start_frame = frame
-        await self.push_frame(frame)
-        self._watchdog_task = self.create_task(self._watchdog(), name="watchdog")
-        first = self._host.first
-        first.state = HostedState.LIVE
-        first.live_since = now()
-        self._live = first
-        self._ledger.set_word_timestamps(first.word_timestamps)
-        if self._first_failure is not None:
-            await self._lost(first, self._first_failure)
-            return
-        first.swallow.add(id(frame))
-        await first.service.queue_frame(frame)
-
-    async def _cancel(self, frame: CancelFrame) -> None:
-        self._ended = True
-        await self._stop_tasks()
-        live = self._live
-        await self.push_frame(frame)
-        if live is not None:
-            live.stopping = True
-            live.swallow.add(id(frame))
-            await live.service.queue_frame(frame)
-
-    async def _pass(self, frame: Frame, direction: FrameDirection) -> None:
-        """Hand a frame the ledger need not track to the live instance, or pass it on."""
-        live = self._live
-        if live is not None and live.state is HostedState.LIVE:
-            await live.service.queue_frame(frame, direction)
-        else:
-            await self.push_frame(frame, direction)
 
     def _accept(self, frame: Frame) -> None:
         """Record a downstream data or control frame in the ledger."""
@@ -356,28 +229,8 @@ class ResilientTTS(FrameProcessor):
     # Feeding the live instance
     # ------------------------------------------------------------------
 
-    async def _feed_pending(self) -> tuple[int, int]:
-        """Feed the live instance whatever the ledger says is due.
-
-        Returns:
-            How many utterances and characters of text were fed.
-        """
-        utterances: set[int] = set()
-        chars = 0
-        async with self._feed_lock:
-            live = self._live
-            while live is not None and live is self._live and self._ledger.state is State.LIVE:
-                actions = self._ledger.to_feed()
-                if not actions:
-                    break
-                for action in actions:
-                    if live is not self._live:
-                        break
-                    if action.utterance is not None and action.text:
-                        utterances.add(id(action.utterance))
-                        chars += len(action.text)
-                    await self._feed(live, action)
-        return len(utterances), chars
+    def _action_size(self, action: Action) -> tuple[object | None, int]:
+        return action.utterance, len(action.text)
 
     async def _feed(self, hosted: Hosted[TTSService], action: Action) -> None:
         utterance = action.utterance
@@ -422,7 +275,7 @@ class ResilientTTS(FrameProcessor):
             # Addressed to this processor; the instance must apply it itself,
             # and it never comes back out.
             self._ledger.frame_emerged(frame)
-            await service.queue_frame(_settings_for_instance(frame, self))
+            await service.queue_frame(_settings_for_instance(frame))
             return
         if utterance is not None:
             hosted.fed[id(frame)] = utterance
@@ -449,7 +302,7 @@ class ResilientTTS(FrameProcessor):
     # Frames out of the hosted instance
     # ------------------------------------------------------------------
 
-    def _prepare(self, hosted: Hosted[TTSService]) -> None:
+    def _prepare_instance(self, hosted: Hosted[TTSService]) -> None:
         """Hook into a new instance before it is set up."""
         service = hosted.service
         hosted.word_timestamps = not getattr(service, "_push_text_frames", True)
@@ -471,26 +324,7 @@ class ResilientTTS(FrameProcessor):
                 yield frame
 
         service.run_tts = run_tts_observed  # type: ignore[method-assign]
-
-        # Connection errors are ours to handle: the stock service would log
-        # each at ERROR although it is about to be recovered (or, once given
-        # up, reported by this processor, once).
-        push_error_frame = service.push_error_frame
-
-        async def push_error_frame_observed(
-            error: ErrorFrame, force_treat_as_permanent: bool = False
-        ) -> None:
-            if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
-                logger.debug(f"{self}: {service} (retired) reported: {error.error}")
-                return
-            if Host.failure_from(hosted, error) is not None:
-                logger.debug(f"{self}: {service} reported: {error.error}")
-                error.processor = error.processor or service
-                await self._on_instance_upstream(hosted, error)
-                return
-            await push_error_frame(error, force_treat_as_permanent=force_treat_as_permanent)
-
-        service.push_error_frame = push_error_frame_observed  # type: ignore[method-assign]
+        self._hook_errors(hosted)
 
         async def connected(processor: FrameProcessor) -> None:
             if hosted.state is not HostedState.RETIRED:
@@ -517,32 +351,25 @@ class ResilientTTS(FrameProcessor):
         service.add_event_handler("on_disconnected", disconnected)
         service.add_event_handler("on_tts_request", tts_request)
 
-    async def _on_instance_downstream(self, hosted: Hosted[TTSService], frame: Frame) -> None:
-        if hosted.state is HostedState.DRAINING:
-            # A failed instance pushes out what it had received before it
-            # failed, up to the marker; that audio is real and was heard.
-            if id(frame) == hosted.drain_marker:
-                hosted.drained.set()
-            else:
-                await self._deliver(hosted, frame)
-            return
-        if hosted is not self._live:
-            return
-        await self._deliver(hosted, frame)
+    def _instance_live(self, hosted: Hosted[TTSService]) -> None:
+        self._ledger.set_word_timestamps(hosted.word_timestamps)
+
+    async def _connected(self, hosted: Hosted[TTSService]) -> None:
+        for frame in self._settings:
+            await hosted.service.queue_frame(_settings_for_instance(frame))
+
+    def _restore_journal(self, hosted: Hosted[TTSService]) -> None:
+        self._ledger.connection_restored(word_timestamps=hosted.word_timestamps)
 
     async def _deliver(self, hosted: Hosted[TTSService], frame: Frame) -> None:
         """Record the evidence a frame carries, then pass it downstream."""
-        if id(frame) in hosted.swallow:
-            hosted.swallow.discard(id(frame))
-            return
         ledger = self._ledger
         ledger.frame_emerged(frame)
         context_id = getattr(frame, "context_id", None)
         if isinstance(frame, TTSAudioRawFrame):
             ledger.audio_received(context_id, now=now())
             hosted.last_audio_context = context_id
-            if hosted is self._live:
-                self._progress(hosted)
+            self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):
             if hosted.word_timestamps:
                 ledger.words_voiced(context_id, frame.text)
@@ -559,70 +386,12 @@ class ResilientTTS(FrameProcessor):
             utterance = ledger.context_stopped(context_id)
             if utterance is not None:
                 ledger.stopped_downstream(utterance)
-        elif isinstance(frame, EndFrame):
-            self._ended = True
         if context_id is not None and context_id in hosted.rewrite:
             frame.context_id = hosted.rewrite[context_id]  # type: ignore[attr-defined]
         await self.push_frame(frame)
 
-    async def _on_instance_upstream(self, hosted: Hosted[TTSService], frame: Frame) -> None:
-        if hosted.state is HostedState.CONNECTING:
-            if isinstance(frame, ErrorFrame):
-                failure = Host.failure_from(hosted, frame)
-                if failure is not None:
-                    hosted.failures.append(failure)
-                else:
-                    logger.debug(f"{self}: {hosted} reported while connecting: {frame.error}")
-            return
-        if hosted is not self._live:
-            return
-        if isinstance(frame, ErrorFrame) and frame.processor in (None, hosted.service):
-            failure = Host.failure_from(hosted, frame)
-            if failure is not None:
-                if not self._ended:
-                    await self._lost(hosted, failure)
-                return
-            # Not about the connection: pass it on as this processor's, so a
-            # ServiceSwitcher judges it by this processor's usability.
-            category = frame.category
-            if category is not None and category.is_permanent:
-                category = ErrorCategory.UNKNOWN
-            error = ErrorFrame(
-                error=frame.error, exception=frame.exception, processor=self, category=category
-            )
-            await self.push_frame(error, FrameDirection.UPSTREAM)
-            return
-        await self.push_frame(frame, FrameDirection.UPSTREAM)
-
-    def _progress(self, hosted: Hosted[TTSService]) -> None:
-        """The live instance produced audio: the recovery episode is over."""
-        if not hosted.produced:
-            hosted.produced = True
-            self._episode = None
-
-    # ------------------------------------------------------------------
-    # Failure and recovery
-    # ------------------------------------------------------------------
-
-    async def _lost(self, hosted: Hosted[TTSService], failure: Failure) -> None:
-        """The live instance failed: stop feeding it, drain it, and start recovering."""
-        if hosted is not self._live:
-            return
-        # Decide synchronously, before any await lets the failed instance emit.
-        self._live = None
-        hosted.state = HostedState.DRAINING
-        self._draining = hosted
-        self._ledger.connection_lost(now=now())
-        self._lost_at = now()
-        logger.warning(f"{self}: lost {hosted.service} ({failure.description}); recovering")
-        self.create_task(self._drain(hosted), name="drain")
-        if self._ended:
-            return
-        self._recovery_task = self.create_task(self._recover(failure), name="recovery")
-        await self._call_event_handler("on_connection_lost", failure)
-
     async def _drain(self, hosted: Hosted[TTSService]) -> None:
-        """Let a failed instance push out the audio it had received, then cut it off."""
+        """Let a failed instance push out the audio it had received, then account for its last word."""
         service = hosted.service
         try:
             context_id = service.get_active_audio_context_id()
@@ -632,14 +401,9 @@ class ResilientTTS(FrameProcessor):
                 await service.append_to_audio_context(context_id, marker)
                 await asyncio.wait_for(hosted.drained.wait(), DRAIN_TIMEOUT_S)
             await self._complete_last_word(hosted)
-        except Exception as exc:
-            logger.debug(f"{self}: draining {service} ended early ({type(exc).__name__})")
         finally:
-            hosted.drained.set()
             if self._ledger.state is State.RECOVERING:
                 self._ledger.drained()
-            self._host.retire(hosted)
-            hosted.drain_done.set()
 
     async def _complete_last_word(self, hosted: Hosted[TTSService]) -> None:
         """Account for a word whose audio all went out but whose timing never came.
@@ -662,126 +426,14 @@ class ResilientTTS(FrameProcessor):
         frame.append_to_context = getattr(utterance.source, "append_to_context", True) is not False
         await self.push_frame(frame)
 
-    async def _drained(self) -> None:
-        """Wait until the last failed instance is drained (its evidence counts for the replay)."""
-        draining = self._draining
-        if draining is not None:
-            await draining.drain_done.wait()
-
-    async def _recover(self, failure: Failure | None) -> None:
-        if self._episode is None:
-            self._episode = Episode(self._retry, started=now(), rng=self._rng)
-        episode = self._episode
-        reason = episode.record(failure) if failure is not None else None
-        while reason is None:
-            wait = episode.next_wait(now())
-            if wait is None:
-                over = episode.attempts >= self._retry.attempts
-                reason = "attempts exhausted" if over else "recovery deadline passed"
-                break
-            if wait > 0:
-                await asyncio.sleep(wait)
-            episode.attempts += 1
-            hosted, attempt_failure = await self._connect_once()
-            if hosted is not None:
-                await self._go_live(hosted, episode, failure)
-                return
-            assert attempt_failure is not None
-            logger.warning(
-                f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
-            )
-            reason = episode.record(attempt_failure)
-        await self._give_up(reason, episode)
-
-    async def _connect_once(self) -> tuple[Hosted[TTSService] | None, Failure | None]:
-        assert self._setup_data is not None and self._start_frame is not None
-        try:
-            hosted = self._host.make()
-        except TypeError as exc:
-            return None, Failure(Verdict.PERMANENT, "application", f"factory: {exc}")
-        except Exception as exc:
-            return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
-        timeout = self._retry.attempt_timeout
-        failure = await self._host.set_up(hosted, self._setup_data, timeout)
-        if failure is None:
-            failure = await self._host.start(hosted, self._start_frame, timeout)
-        if failure is not None:
-            self._host.retire(hosted)
-            return None, failure
-        for frame in self._settings:
-            await hosted.service.queue_frame(_settings_for_instance(frame, self))
-        return hosted, None
-
-    async def _go_live(self, hosted: Hosted[TTSService], episode: Episode, failure: Failure | None) -> None:
-        if self._ended:
-            self._host.retire(hosted)
-            return
-        await self._drained()
-        hosted.state = HostedState.LIVE
-        hosted.live_since = now()
-        self._live = hosted
-        self._ledger.connection_restored(word_timestamps=hosted.word_timestamps)
-        utterances, chars = await self._feed_pending()
-        downtime = now() - (self._lost_at or now())
-        logger.info(
-            f"{self}: recovered on attempt {episode.attempts} after {downtime:.3f}s; "
-            f"replayed {chars} characters in {utterances} utterance(s)"
-        )
-        report = RecoveryReport(failure, episode.attempts, downtime, utterances, chars)
-        await self._call_event_handler("on_connection_recovered", report)
-
-    async def _give_up(self, reason: str, episode: Episode) -> None:
-        await self._drained()
+    async def _abandon(
+        self, reason: str, episode: Episode
+    ) -> tuple[tuple[str, ...], list[Frame], list[Frame]]:
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
         unspoken, frames = self._ledger.gave_up()
-        self._episode = None
-        error = ReplayFailed(unspoken=tuple(unspoken), attempts=episode.attempts, reason=reason)
-        last = episode.failures[-1] if episode.failures else None
-        try:
-            category = ErrorCategory(last.category) if last is not None else ErrorCategory.CONNECTIVITY
-        except ValueError:
-            category = ErrorCategory.UNKNOWN
-        detail = f"; last failure: {last.description}" if last is not None else ""
-        logger.debug(f"{self}: could not speak {unspoken}")
-        for context_id in open_contexts:
-            await self.push_frame(TTSStoppedFrame(context_id=context_id))
-        await self.push_error_frame(
-            ErrorFrame(error=f"{self} {error}{detail}", exception=error, category=category),
-            force_treat_as_permanent=True,
-        )
-        for frame in frames:
-            if isinstance(frame, Frame) and not isinstance(frame, TTSUpdateSettingsFrame):
-                if isinstance(frame, EndFrame):
-                    self._ended = True
-                await self.push_frame(frame)
-        await self._call_event_handler("on_connection_given_up", error)
-
-    async def _watchdog(self) -> None:
-        """Declare the live instance dead when it owes audio and has gone quiet."""
-        ledger = self._ledger
-        tick = max(0.01, min(ledger.first_audio_timeout, ledger.stall_timeout) / 5)
-        while True:
-            await asyncio.sleep(tick)
-            hosted = self._live
-            if hosted is None or hosted.state is not HostedState.LIVE:
-                continue
-            t = now()
-            reason = ledger.overdue(now=t)
-            if reason is not None:
-                await self._lost(hosted, Failure(Verdict.TRANSIENT, "connectivity", reason))
-            elif (
-                self._episode is not None
-                and hosted.live_since is not None
-                and t - hosted.live_since > STABLE_AFTER_S
-            ):
-                # Up long enough without failing: the recovery is over.
-                self._episode = None
-
-    async def _stop_tasks(self) -> None:
-        for task in (self._watchdog_task, self._recovery_task):
-            if task is not None and task is not asyncio.current_task():
-                await self.cancel_task(task)
-        self._watchdog_task = self._recovery_task = None
+        closing: list[Frame] = [TTSStoppedFrame(context_id=context_id) for context_id in open_contexts]
+        passing = [f for f in frames if isinstance(f, Frame) and not isinstance(f, TTSUpdateSettingsFrame)]
+        return tuple(unspoken), closing, passing
 
 
 def _speak_like(source: object, text: str) -> TTSSpeakFrame:
@@ -793,6 +445,6 @@ def _speak_like(source: object, text: str) -> TTSSpeakFrame:
     return TTSSpeakFrame(text)
 
 
-def _settings_for_instance(frame: TTSUpdateSettingsFrame, owner: FrameProcessor) -> TTSUpdateSettingsFrame:
+def _settings_for_instance(frame: TTSUpdateSettingsFrame) -> TTSUpdateSettingsFrame:
     """A copy of a settings update (addressed to ``owner`` or to nobody) for the hosted instance."""
     return TTSUpdateSettingsFrame(settings=dict(frame.settings), delta=frame.delta)

@@ -1,0 +1,508 @@
+"""The shell every resilient processor shares: host an instance, watch it, recover it, or give up once.
+
+:class:`ResilientProcessor` is a ``FrameProcessor`` that owns one live stock
+service instance at a time (through :class:`~pipecat_resilient._hosting.Host`)
+and a *journal* (the TTS :class:`~pipecat_resilient.ledger.Ledger`, the LLM
+:class:`~pipecat_resilient.inference.InferenceJournal`) that decides what to
+feed the instance. This module does the parts that do not depend on what the
+service does: starting the first instance, the watchdog, the recovery episode
+with its retry policy, replacing a failed instance, replaying what the journal
+says, and the single ``ErrorFrame`` when recovery is exhausted. Subclasses
+translate frames into journal calls and journal actions into frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from loguru import logger
+from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
+from pipecat.utils.errors import ErrorCategory
+
+from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, now
+from pipecat_resilient.errors import ReplayFailed
+from pipecat_resilient.failures import Failure, Verdict
+from pipecat_resilient.ledger import State
+from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
+
+__all__ = ["Journal", "RecoveryReport", "ResilientProcessor"]
+
+S = TypeVar("S", bound=FrameProcessor)
+
+
+class Journal(Protocol):
+    """What the shell needs of a journal (the TTS ledger, the LLM inference journal)."""
+
+    state: State
+
+    def connection_lost(self, *, now: float) -> None: ...
+
+    def revived(self) -> None: ...
+
+    def overdue(self, *, now: float) -> str | None: ...
+
+    def to_feed(self) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What one recovery did, passed to ``on_connection_recovered``.
+
+    Parameters:
+        failure: The failure that started it.
+        attempts: Connection attempts it took.
+        downtime: Seconds from the drop being detected to the fresh instance
+            being fed the replay.
+        replayed_utterances: Utterances (or inferences) replayed, in part or whole.
+        replayed_chars: Characters of text replayed.
+    """
+
+    failure: Failure | None
+    attempts: int
+    downtime: float
+    replayed_utterances: int
+    replayed_chars: int
+
+
+class ResilientProcessor(FrameProcessor, Generic[S]):
+    """Base of the resilient shells. Subclass it; do not instantiate directly.
+
+    Event handlers:
+        on_connection_lost: ``(processor, failure: Failure)``.
+        on_connection_recovered: ``(processor, report: RecoveryReport)``.
+        on_connection_given_up: ``(processor, error: ReplayFailed)``.
+
+    Args:
+        factory: Zero-argument callable returning a new stock service.
+        expected: The class the factory must return instances of.
+        journal: The journal deciding what to feed.
+        retry: The retry policy (``DEFAULT_RETRY`` when None).
+        watchdog_tick: Seconds between watchdog checks.
+        **kwargs: Passed to ``FrameProcessor``.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], S],
+        expected: type[S],
+        *,
+        journal: Journal,
+        retry: RetryPolicy | None,
+        watchdog_tick: float,
+        **kwargs: Any,
+    ) -> None:
+        """Create the shell; validates ``retry`` and (by calling it) ``factory``."""
+        super().__init__(**kwargs)
+        if retry is None:
+            retry = DEFAULT_RETRY
+        if not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        self._retry = retry
+        self._journal = journal
+        self._watchdog_tick = watchdog_tick
+        self._live: Hosted[S] | None = None
+        self._setup_data: FrameProcessorSetup | None = None
+        self._start_frame: StartFrame | None = None
+        self._first_failure: Failure | None = None
+        self._episode: Episode | None = None
+        self._lost_at: float | None = None
+        self._ended = False
+        self._rng = random.Random()
+        self._feed_lock = asyncio.Lock()
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._draining: Hosted[S] | None = None
+        self._host: Host[S] = Host(
+            self,
+            factory,
+            expected,
+            downstream=self._on_instance_downstream,
+            upstream=self._on_instance_upstream,
+            prepare=self._prepare_instance,
+        )
+        for event in ("on_connection_lost", "on_connection_recovered", "on_connection_given_up"):
+            self._register_event_handler(event)
+
+    # ------------------------------------------------------------------
+    # Public state
+    # ------------------------------------------------------------------
+
+    @property
+    def service(self) -> S | None:
+        """The live stock service instance, or None while recovering."""
+        return self._live.service if self._live is not None else None
+
+    @property
+    def state(self) -> State:
+        """Whether it is live, recovering, or has given up."""
+        return self._journal.state
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------
+
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
+        """Set up the processor and its first service instance (which may connect here)."""
+        await super().setup(setup)
+        self._setup_data = setup
+        self._first_failure = await self._host.set_up(self._host.first, setup, self._retry.attempt_timeout)
+
+    async def cleanup(self) -> None:
+        """Tear down every service instance."""
+        await super().cleanup()
+        self._ended = True
+        await self._stop_tasks()
+        self._live = None
+        await self._host.close()
+
+    async def set_usable(self, is_usable: bool) -> None:
+        """Bring the processor back after it gave up (or write it off).
+
+        Setting it usable again after recovery gave up connects a fresh
+        instance for what comes next.
+        """
+        await super().set_usable(is_usable)
+        if is_usable and self.state is State.FAILED and self._start_frame is not None and not self._ended:
+            self._journal.revived()
+            self._lost_at = now()
+            self._episode = None
+            self._recovery_task = self.create_task(self._recover(None), name="recovery")
+
+    async def _start(self, frame: StartFrame) -> None:
+        """Pass the StartFrame on and start the first instance (or recover it)."""
+        self._start_frame = frame
+        await self.push_frame(frame)
+        self._watchdog_task = self.create_task(self._watchdog(), name="watchdog")
+        first = self._host.first
+        first.state = HostedState.LIVE
+        first.live_since = now()
+        self._live = first
+        self._instance_live(first)
+        if self._first_failure is not None:
+            await self._lost(first, self._first_failure)
+            return
+        first.swallow.add(id(frame))
+        await first.service.queue_frame(frame)
+
+    async def _cancel(self, frame: CancelFrame) -> None:
+        """Stop at once: no more recovery; the live instance is cancelled too."""
+        self._ended = True
+        await self._stop_tasks()
+        live = self._live
+        await self.push_frame(frame)
+        if live is not None:
+            live.stopping = True
+            live.swallow.add(id(frame))
+            await live.service.queue_frame(frame)
+
+    async def _pass(self, frame: Frame, direction: FrameDirection) -> None:
+        """Hand a frame the journal need not track to the live instance, or pass it on."""
+        live = self._live
+        if live is not None and live.state is HostedState.LIVE:
+            await live.service.queue_frame(frame, direction)
+        else:
+            await self.push_frame(frame, direction)
+
+    # ------------------------------------------------------------------
+    # Subclass hooks
+    # ------------------------------------------------------------------
+
+    def _prepare_instance(self, hosted: Hosted[S]) -> None:
+        """Hook into a new instance before it is set up."""
+
+    def _instance_live(self, hosted: Hosted[S]) -> None:
+        """A (first) instance was made live."""
+
+    async def _deliver(self, hosted: Hosted[S], frame: Frame) -> None:
+        """Record what a downstream frame from an instance says, then pass it on."""
+        await self.push_frame(frame)
+
+    async def _drain(self, hosted: Hosted[S]) -> None:
+        """Let a failed instance push out what it had already received (TTS audio)."""
+
+    def _restore_journal(self, hosted: Hosted[S]) -> None:
+        """Tell the journal a fresh instance is live (before the replay is fed)."""
+        raise NotImplementedError
+
+    async def _feed(self, hosted: Hosted[S], action: Any) -> None:
+        """Feed one journal action to ``hosted``."""
+        raise NotImplementedError
+
+    def _action_size(self, action: Any) -> tuple[object | None, int]:
+        """What a fed action replays: its unit (utterance, inference) and characters."""
+        return None, 0
+
+    async def _abandon(
+        self, reason: str, episode: Episode
+    ) -> tuple[tuple[str, ...], list[Frame], list[Frame]]:
+        """Recovery gave up: empty the journal.
+
+        Returns:
+            The unheard texts, the frames to push downstream before the error
+            (closing what was open), and the frames to pass on after it.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------
+    # Frames out of the hosted instances
+    # ------------------------------------------------------------------
+
+    async def _on_instance_downstream(self, hosted: Hosted[S], frame: Frame) -> None:
+        if hosted.state is HostedState.DRAINING:
+            # A failed instance pushes out what it had received before it
+            # failed, up to a marker the subclass appended.
+            if id(frame) == hosted.drain_marker:
+                hosted.drained.set()
+            else:
+                await self._deliver(hosted, frame)
+            return
+        if hosted is not self._live:
+            return
+        if id(frame) in hosted.swallow:
+            hosted.swallow.discard(id(frame))
+            return
+        if isinstance(frame, EndFrame):
+            self._ended = True
+        await self._deliver(hosted, frame)
+
+    async def _on_instance_upstream(self, hosted: Hosted[S], frame: Frame) -> None:
+        if hosted.state is HostedState.CONNECTING:
+            if isinstance(frame, ErrorFrame):
+                failure = Host.failure_from(hosted, frame)
+                if failure is not None:
+                    hosted.failures.append(failure)
+                else:
+                    logger.debug(f"{self}: {hosted} reported while connecting: {frame.error}")
+            return
+        if hosted is not self._live:
+            return
+        if isinstance(frame, ErrorFrame) and frame.processor in (None, hosted.service):
+            failure = Host.failure_from(hosted, frame)
+            if failure is not None:
+                if not self._ended:
+                    await self._lost(hosted, failure)
+                return
+            # Not about the connection: pass it on as this processor's, so a
+            # ServiceSwitcher judges it by this processor's usability.
+            category = frame.category
+            if category is not None and category.is_permanent:
+                category = ErrorCategory.UNKNOWN
+            error = ErrorFrame(
+                error=frame.error, exception=frame.exception, processor=self, category=category
+            )
+            await self.push_frame(error, FrameDirection.UPSTREAM)
+            return
+        await self.push_frame(frame, FrameDirection.UPSTREAM)
+
+    def _hook_errors(self, hosted: Hosted[S]) -> None:
+        """Take connection errors from ``hosted`` before the stock service logs them at ERROR.
+
+        The stock service would log each at ERROR although it is about to be
+        recovered (or, once given up, reported by this processor, once).
+        """
+        service = hosted.service
+        push_error_frame = service.push_error_frame
+
+        async def push_error_frame_observed(
+            error: ErrorFrame, force_treat_as_permanent: bool = False
+        ) -> None:
+            if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
+                logger.debug(f"{self}: {service} (retired) reported: {error.error}")
+                return
+            if Host.failure_from(hosted, error) is not None:
+                logger.debug(f"{self}: {service} reported: {error.error}")
+                error.processor = error.processor or service
+                await self._on_instance_upstream(hosted, error)
+                return
+            await push_error_frame(error, force_treat_as_permanent=force_treat_as_permanent)
+
+        service.push_error_frame = push_error_frame_observed  # type: ignore[method-assign]
+
+    def _progress(self, hosted: Hosted[S]) -> None:
+        """The live instance made progress: the recovery episode is over."""
+        if hosted is self._live and not hosted.produced:
+            hosted.produced = True
+            self._episode = None
+
+    # ------------------------------------------------------------------
+    # Feeding
+    # ------------------------------------------------------------------
+
+    async def _feed_pending(self) -> tuple[int, int]:
+        """Feed the live instance whatever the journal says is due.
+
+        Returns:
+            How many units (utterances, inferences) and characters were fed.
+        """
+        units: set[int] = set()
+        chars = 0
+        async with self._feed_lock:
+            live = self._live
+            while live is not None and live is self._live and self.state is State.LIVE:
+                actions = self._journal.to_feed()
+                if not actions:
+                    break
+                for action in actions:
+                    if live is not self._live:
+                        break
+                    unit, size = self._action_size(action)
+                    if unit is not None and size:
+                        units.add(id(unit))
+                        chars += size
+                    await self._feed(live, action)
+        return len(units), chars
+
+    # ------------------------------------------------------------------
+    # Failure and recovery
+    # ------------------------------------------------------------------
+
+    async def _lost(self, hosted: Hosted[S], failure: Failure) -> None:
+        """The live instance failed: stop feeding it, drain it, and start recovering."""
+        if hosted is not self._live:
+            return
+        # Decide synchronously, before any await lets the failed instance emit.
+        self._live = None
+        hosted.state = HostedState.DRAINING
+        self._draining = hosted
+        self._journal.connection_lost(now=now())
+        self._lost_at = now()
+        logger.warning(f"{self}: lost {hosted.service} ({failure.description}); recovering")
+        self.create_task(self._drain_then_retire(hosted), name="drain")
+        if self._ended:
+            return
+        self._recovery_task = self.create_task(self._recover(failure), name="recovery")
+        await self._call_event_handler("on_connection_lost", failure)
+
+    async def _drain_then_retire(self, hosted: Hosted[S]) -> None:
+        try:
+            await self._drain(hosted)
+        except Exception as exc:
+            logger.debug(f"{self}: draining {hosted.service} ended early ({type(exc).__name__})")
+        finally:
+            hosted.drained.set()
+            self._host.retire(hosted)
+            hosted.drain_done.set()
+
+    async def _drained(self) -> None:
+        """Wait until the last failed instance is drained (its evidence counts for the replay)."""
+        draining = self._draining
+        if draining is not None:
+            await draining.drain_done.wait()
+
+    async def _recover(self, failure: Failure | None) -> None:
+        if self._episode is None:
+            self._episode = Episode(self._retry, started=now(), rng=self._rng)
+        episode = self._episode
+        reason = episode.record(failure) if failure is not None else None
+        while reason is None:
+            wait = episode.next_wait(now())
+            if wait is None:
+                over = episode.attempts >= self._retry.attempts
+                reason = "attempts exhausted" if over else "recovery deadline passed"
+                break
+            if wait > 0:
+                await asyncio.sleep(wait)
+            episode.attempts += 1
+            hosted, attempt_failure = await self._connect_once()
+            if hosted is not None:
+                await self._go_live(hosted, episode, failure)
+                return
+            assert attempt_failure is not None
+            logger.warning(
+                f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
+            )
+            reason = episode.record(attempt_failure)
+        await self._give_up(reason, episode)
+
+    async def _connect_once(self) -> tuple[Hosted[S] | None, Failure | None]:
+        assert self._setup_data is not None and self._start_frame is not None
+        try:
+            hosted = self._host.make()
+        except TypeError as exc:
+            return None, Failure(Verdict.PERMANENT, "application", f"factory: {exc}")
+        except Exception as exc:
+            return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
+        timeout = self._retry.attempt_timeout
+        failure = await self._host.set_up(hosted, self._setup_data, timeout)
+        if failure is None:
+            failure = await self._host.start(hosted, self._start_frame, timeout)
+        if failure is not None:
+            self._host.retire(hosted)
+            return None, failure
+        await self._connected(hosted)
+        return hosted, None
+
+    async def _connected(self, hosted: Hosted[S]) -> None:
+        """A fresh instance is set up and started (before it is made live)."""
+
+    async def _go_live(self, hosted: Hosted[S], episode: Episode, failure: Failure | None) -> None:
+        if self._ended:
+            self._host.retire(hosted)
+            return
+        await self._drained()
+        hosted.state = HostedState.LIVE
+        hosted.live_since = now()
+        self._live = hosted
+        self._restore_journal(hosted)
+        units, chars = await self._feed_pending()
+        downtime = now() - (self._lost_at or now())
+        logger.info(
+            f"{self}: recovered on attempt {episode.attempts} after {downtime:.3f}s; "
+            f"replayed {chars} characters in {units} unit(s)"
+        )
+        report = RecoveryReport(failure, episode.attempts, downtime, units, chars)
+        await self._call_event_handler("on_connection_recovered", report)
+
+    async def _give_up(self, reason: str, episode: Episode) -> None:
+        await self._drained()
+        unspoken, closing, frames = await self._abandon(reason, episode)
+        self._episode = None
+        error = ReplayFailed(unspoken=unspoken, attempts=episode.attempts, reason=reason)
+        last = episode.failures[-1] if episode.failures else None
+        try:
+            category = ErrorCategory(last.category) if last is not None else ErrorCategory.CONNECTIVITY
+        except ValueError:
+            category = ErrorCategory.UNKNOWN
+        detail = f"; last failure: {last.description}" if last is not None else ""
+        logger.debug(f"{self}: could not deliver {list(unspoken)}")
+        for frame in closing:
+            await self.push_frame(frame)
+        await self.push_error_frame(
+            ErrorFrame(error=f"{self} {error}{detail}", exception=error, category=category),
+            force_treat_as_permanent=True,
+        )
+        for frame in frames:
+            if isinstance(frame, EndFrame):
+                self._ended = True
+            await self.push_frame(frame)
+        await self._call_event_handler("on_connection_given_up", error)
+
+    async def _watchdog(self) -> None:
+        """Declare the live instance dead when it owes output and has gone quiet."""
+        while True:
+            await asyncio.sleep(self._watchdog_tick)
+            hosted = self._live
+            if hosted is None or hosted.state is not HostedState.LIVE:
+                continue
+            t = now()
+            reason = self._journal.overdue(now=t)
+            if reason is not None:
+                await self._lost(hosted, Failure(Verdict.TRANSIENT, "connectivity", reason))
+            elif (
+                self._episode is not None
+                and hosted.live_since is not None
+                and t - hosted.live_since > STABLE_AFTER_S
+            ):
+                # Up long enough without failing: the recovery is over.
+                self._episode = None
+
+    async def _stop_tasks(self) -> None:
+        for task in (self._watchdog_task, self._recovery_task):
+            if task is not None and task is not asyncio.current_task():
+                await self.cancel_task(task)
+        self._watchdog_task = self._recovery_task = None
