@@ -1,6 +1,7 @@
 """Drop-in Pipecat processors that survive provider connection failures without losing a word.
 
-:class:`ResilientTTS` takes the place of a stock TTS service. It hosts one
+:class:`ResilientTTS` takes the place of a stock TTS service, :class:`ResilientLLM`
+of a stock LLM service (streaming or speech-to-speech). It hosts one
 live instance at a time, made by a factory; when the provider's socket drops
 it connects a fresh instance and replays what the listener has not heard yet,
 and the LLM context only ever records words whose audio went out.
@@ -12,19 +13,23 @@ The testing kit (local provider emulators with fault plans) lives in
 from pipecat_resilient.errors import InvalidState, ReplayFailed, ResilienceError
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import Ledger, State
-from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
+from pipecat_resilient.llm import ResilientLLM
+from pipecat_resilient.policy import DEFAULT_REPLAY, DEFAULT_RETRY, ReplayPolicy, RetryPolicy
 from pipecat_resilient.tts import RecoveryReport, ResilientTTS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_REPLAY",
     "DEFAULT_RETRY",
     "Failure",
     "InvalidState",
     "Ledger",
     "RecoveryReport",
     "ReplayFailed",
+    "ReplayPolicy",
     "ResilienceError",
+    "ResilientLLM",
     "ResilientTTS",
     "RetryPolicy",
     "State",

@@ -30,7 +30,7 @@ from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import State
 from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["Journal", "RecoveryReport", "ResilientProcessor"]
+__all__ = ["Abandoned", "Journal", "RecoveryReport", "ResilientProcessor"]
 
 S = TypeVar("S", bound=FrameProcessor)
 
@@ -67,6 +67,23 @@ class RecoveryReport:
     downtime: float
     replayed_utterances: int
     replayed_chars: int
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """What was left when recovery gave up (built by a subclass's ``_abandon``).
+
+    Parameters:
+        unspoken: Text accepted and never heard, one entry per utterance.
+        closing: Frames to push downstream before the error (closing what was open).
+        passing: Frames owed downstream, pushed after the error.
+        lost: What was lost, in words, when it is not text to speak.
+    """
+
+    unspoken: tuple[str, ...] = ()
+    closing: tuple[Frame, ...] = ()
+    passing: tuple[Frame, ...] = ()
+    lost: str | None = None
 
 
 class ResilientProcessor(FrameProcessor, Generic[S]):
@@ -237,23 +254,20 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         """What a fed action replays: its unit (utterance, inference) and characters."""
         return None, 0
 
-    async def _abandon(
-        self, reason: str, episode: Episode
-    ) -> tuple[tuple[str, ...], list[Frame], list[Frame]]:
-        """Recovery gave up: empty the journal.
-
-        Returns:
-            The unheard texts, the frames to push downstream before the error
-            (closing what was open), and the frames to pass on after it.
-        """
+    async def _abandon(self, reason: str, episode: Episode) -> Abandoned:
+        """Recovery gave up: empty the journal and say what was left."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------
     # Frames out of the hosted instances
     # ------------------------------------------------------------------
 
+    # Whether a failed instance may push out what it had already received
+    # (TTS audio); otherwise it is cut off the moment it fails.
+    _drains = False
+
     async def _on_instance_downstream(self, hosted: Hosted[S], frame: Frame) -> None:
-        if hosted.state is HostedState.DRAINING:
+        if hosted.state is HostedState.DRAINING and self._drains:
             # A failed instance pushes out what it had received before it
             # failed, up to a marker the subclass appended.
             if id(frame) == hosted.drain_marker:
@@ -460,23 +474,25 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
 
     async def _give_up(self, reason: str, episode: Episode) -> None:
         await self._drained()
-        unspoken, closing, frames = await self._abandon(reason, episode)
+        abandoned = await self._abandon(reason, episode)
         self._episode = None
-        error = ReplayFailed(unspoken=unspoken, attempts=episode.attempts, reason=reason)
+        error = ReplayFailed(
+            unspoken=abandoned.unspoken, attempts=episode.attempts, reason=reason, lost=abandoned.lost
+        )
         last = episode.failures[-1] if episode.failures else None
         try:
             category = ErrorCategory(last.category) if last is not None else ErrorCategory.CONNECTIVITY
         except ValueError:
             category = ErrorCategory.UNKNOWN
         detail = f"; last failure: {last.description}" if last is not None else ""
-        logger.debug(f"{self}: could not deliver {list(unspoken)}")
-        for frame in closing:
+        logger.debug(f"{self}: could not deliver {list(abandoned.unspoken)}")
+        for frame in abandoned.closing:
             await self.push_frame(frame)
         await self.push_error_frame(
             ErrorFrame(error=f"{self} {error}{detail}", exception=error, category=category),
             force_treat_as_permanent=True,
         )
-        for frame in frames:
+        for frame in abandoned.passing:
             if isinstance(frame, EndFrame):
                 self._ended = True
             await self.push_frame(frame)

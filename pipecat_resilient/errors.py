@@ -36,25 +36,35 @@ class ReplayFailed(ResilienceError):
             ``"attempts exhausted"``).
     """
 
-    def __init__(self, *, unspoken: tuple[str, ...], attempts: int, reason: str) -> None:
+    def __init__(
+        self, *, unspoken: tuple[str, ...], attempts: int, reason: str, lost: str | None = None
+    ) -> None:
         """Create the error.
 
         Args:
             unspoken: The unheard text, one entry per utterance.
             attempts: Connection attempts made.
             reason: Why recovery ended.
+            lost: What was lost, in words, when it is not text to speak
+                (e.g. ``"1 answer"``); the default counts ``unspoken``.
         """
         super().__init__(unspoken, attempts, reason)
         self.unspoken = unspoken
         self.attempts = attempts
         self.reason = reason
+        self.lost = lost
 
     def __str__(self) -> str:
+        if self.attempts:
+            plural = "" if self.attempts == 1 else "s"
+            gave_up = f"gave up after {self.attempts} connection attempt{plural} ({self.reason})"
+        else:
+            gave_up = f"gave up without retrying ({self.reason})"
+        if self.lost is not None:
+            return f"{gave_up}; lost {self.lost}"
         words = sum(len(text.split()) for text in self.unspoken)
-        plural = "" if self.attempts == 1 else "s"
         return (
-            f"gave up after {self.attempts} connection attempt{plural} ({self.reason}); "
-            f"{words} word{'' if words == 1 else 's'} in {len(self.unspoken)} "
+            f"{gave_up}; {words} word{'' if words == 1 else 's'} in {len(self.unspoken)} "
             f"utterance{'' if len(self.unspoken) == 1 else 's'} could not be spoken"
         )
 

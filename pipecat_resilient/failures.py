@@ -243,6 +243,15 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# Provider SDKs (openai, httpx, google-genai) raise their own classes for a
+# broken or timed-out connection; they are matched by name so that none of
+# those SDKs needs to be installed.
+_SDK_TIMEOUTS = frozenset({"APITimeoutError", "ReadTimeout", "ConnectTimeout", "WriteTimeout", "PoolTimeout"})
+_SDK_CONNECTION_ERRORS = frozenset(
+    {"APIConnectionError", "ConnectError", "ReadError", "WriteError", "RemoteProtocolError", "ProtocolError"}
+)
+
+
 def classify_exception(exc: BaseException | None) -> Failure | None:
     """Classify an exception raised by a provider connection.
 
@@ -265,8 +274,10 @@ def classify_exception(exc: BaseException | None) -> Failure | None:
         return classify_status(response.status_code, response.headers)
     if isinstance(exc, InvalidHandshake):
         return Failure(Verdict.TRANSIENT, "connectivity", f"handshake failed: {type(exc).__name__}")
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or type(exc).__name__ in _SDK_TIMEOUTS:
         return Failure(Verdict.TRANSIENT, "connectivity", "timed out")
+    if type(exc).__name__ in _SDK_CONNECTION_ERRORS:
+        return Failure(Verdict.TRANSIENT, "connectivity", f"connection failed: {type(exc).__name__}")
     if isinstance(exc, OSError):
         return Failure(Verdict.TRANSIENT, "connectivity", f"network error: {type(exc).__name__}")
     status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)

@@ -18,7 +18,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_RETRY", "RetryPolicy", "backoff"]
+__all__ = ["DEFAULT_REPLAY", "DEFAULT_RETRY", "ReplayPolicy", "RetryPolicy", "backoff"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +100,61 @@ class RetryPolicy:
         return min(self.wait_max, self.wait_initial * self.wait_exp_base**exponent)
 
 
+CONTINUE_INSTRUCTION = (
+    "Your previous reply was cut off by a network error after the text above; the user heard it "
+    "up to there. Continue the reply from exactly where it stopped. Do not repeat anything already "
+    "said and do not mention the interruption."
+)
+"""What the model is told when it must continue a cut reply."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayPolicy:
+    """What to do with an LLM answer the connection cut short.
+
+    Example::
+
+        ReplayPolicy(partial_answer="restart")
+    """
+
+    partial_answer: str = "continue"
+    """``"continue"``: ask a fresh instance to continue the answer from what was
+    already emitted, and pass on only the new suffix (nothing is said twice;
+    relies on the model following the instruction, and repeated text is
+    trimmed). ``"restart"``: close the cut answer and ask for a whole new one
+    (the listener hears the beginning again, but the new answer does not
+    depend on the model continuing well)."""
+
+    continue_instruction: str = CONTINUE_INSTRUCTION
+    """The instruction sent (as a user message after the cut answer) to continue it."""
+
+    min_repeat_chars: int = 12
+    """A continuation that starts by repeating at least this many characters of
+    the end of the cut answer has them trimmed; shorter overlaps are kept."""
+
+    answer_again: bool = True
+    """Speech-to-speech sessions: after a reply was cut, have the model answer
+    again on the fresh session instead of leaving the user in silence."""
+
+    max_buffered_input_s: float = 30.0
+    """Speech-to-speech sessions: seconds of user audio kept while reconnecting
+    (older audio is dropped first); text and tool results are always kept."""
+
+    def __post_init__(self) -> None:
+        if self.partial_answer not in ("continue", "restart"):
+            raise ValueError(f"partial_answer must be 'continue' or 'restart', got {self.partial_answer!r}")
+        if not isinstance(self.continue_instruction, str) or not self.continue_instruction.strip():
+            raise ValueError("continue_instruction must be a non-empty string")
+        if isinstance(self.min_repeat_chars, bool) or not isinstance(self.min_repeat_chars, int):
+            raise TypeError(f"min_repeat_chars must be an int, got {self.min_repeat_chars!r}")
+        if self.min_repeat_chars < 1:
+            raise ValueError(f"min_repeat_chars must be at least 1, got {self.min_repeat_chars}")
+        if not _non_negative(self.max_buffered_input_s):
+            raise ValueError(
+                f"max_buffered_input_s must be a non-negative number of seconds, got {self.max_buffered_input_s!r}"
+            )
+
+
 def backoff(policy: RetryPolicy, rng: random.Random | None = None) -> Iterator[float]:
     """Yield the wait before each retry of ``policy``, in seconds.
 
@@ -133,3 +188,6 @@ def _non_negative(value: object) -> bool:
 
 DEFAULT_RETRY = RetryPolicy()
 """The policy used when none is given."""
+
+DEFAULT_REPLAY = ReplayPolicy()
+"""The replay policy used when none is given."""

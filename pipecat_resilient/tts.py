@@ -46,7 +46,7 @@ from pipecat.services.tts_service import TTSService
 from pipecat.utils.text.base_text_aggregator import TextType
 
 from pipecat_resilient._hosting import Episode, Hosted, HostedState, now, socket_open
-from pipecat_resilient._resilient import RecoveryReport, ResilientProcessor
+from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
 from pipecat_resilient.policy import RetryPolicy
@@ -228,6 +228,8 @@ class ResilientTTS(ResilientProcessor[TTSService]):
     # ------------------------------------------------------------------
     # Feeding the live instance
     # ------------------------------------------------------------------
+
+    _drains = True
 
     def _action_size(self, action: Action) -> tuple[object | None, int]:
         return action.utterance, len(action.text)
@@ -426,14 +428,16 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         frame.append_to_context = getattr(utterance.source, "append_to_context", True) is not False
         await self.push_frame(frame)
 
-    async def _abandon(
-        self, reason: str, episode: Episode
-    ) -> tuple[tuple[str, ...], list[Frame], list[Frame]]:
+    async def _abandon(self, reason: str, episode: Episode) -> Abandoned:
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
         unspoken, frames = self._ledger.gave_up()
-        closing: list[Frame] = [TTSStoppedFrame(context_id=context_id) for context_id in open_contexts]
-        passing = [f for f in frames if isinstance(f, Frame) and not isinstance(f, TTSUpdateSettingsFrame)]
-        return tuple(unspoken), closing, passing
+        return Abandoned(
+            unspoken=tuple(unspoken),
+            closing=tuple(TTSStoppedFrame(context_id=context_id) for context_id in open_contexts),
+            passing=tuple(
+                f for f in frames if isinstance(f, Frame) and not isinstance(f, TTSUpdateSettingsFrame)
+            ),
+        )
 
 
 def _speak_like(source: object, text: str) -> TTSSpeakFrame:

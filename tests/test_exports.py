@@ -7,7 +7,7 @@ import importlib
 import pipecat_resilient
 import pipecat_resilient.testing
 
-PUBLIC_MODULES = ["errors", "failures", "ledger", "policy", "tts"]
+PUBLIC_MODULES = ["errors", "failures", "ledger", "llm", "policy", "tts"]
 
 
 def test_top_level_exports_are_real_and_documented() -> None:
@@ -23,7 +23,7 @@ def test_top_level_reexports_come_from_the_modules() -> None:
     module_names: set[str] = set()
     for module in PUBLIC_MODULES:
         module_names |= set(importlib.import_module(f"pipecat_resilient.{module}").__all__)
-    assert set(pipecat_resilient.__all__) - {"DEFAULT_RETRY"} <= module_names
+    assert set(pipecat_resilient.__all__) <= module_names
 
 
 def test_testing_kit_exports() -> None:

@@ -16,7 +16,12 @@ Replies, by the text of the last user message:
 * otherwise ``"You said: <text>. That is all."``;
 * a request whose messages after the last user message hold ``tool`` results
   (a *continuation*) is answered with text that quotes them:
-  ``"get_weather returned {"conditions": "sunny"}."``.
+  ``"get_weather returned {"conditions": "sunny"}."``;
+* a request that ends with a cut assistant answer and a user message asking
+  to continue it (what :class:`~pipecat_resilient.llm.ResilientLLM` sends
+  after a drop) is answered with the rest of the answer the conversation
+  before it would get - after repeating its last ``repeat_on_continue`` words,
+  like a model that does not quite follow the instruction.
 
 Faults count *requests* where the websocket emulators count connections: the
 ``connection`` field of a :class:`~.faults.Fault` is the request's index (0-based,
@@ -274,6 +279,7 @@ class OpenAIEmulator:
         default_reply: Answer to any other user text.
         tool_reply: Answer to a continuation, from its ``(name, content)`` results.
         chunk_interval: Seconds between chunks; 0 sends them as fast as they are read.
+        repeat_on_continue: Words of the cut answer a continuation repeats first.
     """
 
     name = "openai"
@@ -287,8 +293,10 @@ class OpenAIEmulator:
         default_reply: Callable[[str], str] = _default_reply,
         tool_reply: Callable[[Sequence[tuple[str, str]]], str] = _default_tool_reply,
         chunk_interval: float = 0.0,
+        repeat_on_continue: int = 0,
     ) -> None:
         """Create a stopped emulator."""
+        self.repeat_on_continue = repeat_on_continue
         self.plan = plan or FaultPlan()
         for fault in self.plan:
             self._check_fault(fault)
@@ -374,6 +382,10 @@ class OpenAIEmulator:
 
     def plan_reply(self, record: ChatRequest) -> None:
         """Fill in ``record.reply`` or ``record.tool_calls`` from the script."""
+        rest = self._rest_of_cut_answer(record)
+        if rest is not None:
+            record.reply = rest
+            return
         if record.continuation:
             record.reply = self.tool_reply(record.tool_results)
             return
@@ -388,6 +400,25 @@ class OpenAIEmulator:
         else:
             _check_reply(scripted)
             record.tool_calls = list(scripted)
+
+    def _rest_of_cut_answer(self, record: ChatRequest) -> str | None:
+        """The rest of a cut answer, when the request asks to continue one."""
+        messages = record.messages
+        if len(messages) < 3 or messages[-1].get("role") != "user" or messages[-2].get("role") != "assistant":
+            return None
+        cut = _content_text(messages[-2].get("content"))
+        if not cut or messages[-2].get("tool_calls"):
+            return None
+        earlier = ChatRequest(index=record.index, body={**record.body, "messages": messages[:-2]})
+        self.plan_reply(earlier)
+        whole = earlier.reply
+        if earlier.tool_calls or not whole.startswith(cut):
+            return None
+        repeated = " ".join(cut.split()[-self.repeat_on_continue :]) if self.repeat_on_continue else ""
+        rest = whole[len(cut) :]
+        return (
+            (" " + repeated if repeated and not cut.endswith(" ") else repeated) + rest if repeated else rest
+        )
 
     def _deltas(self, record: ChatRequest) -> list[tuple[dict[str, Any], str]]:
         """The counted deltas of the answer, each with the reply text it carries."""
