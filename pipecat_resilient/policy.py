@@ -150,9 +150,8 @@ class ReplayPolicy:
         if self.min_repeat_chars < 1:
             raise ValueError(f"min_repeat_chars must be at least 1, got {self.min_repeat_chars}")
         if not _non_negative(self.max_buffered_input_s):
-            raise ValueError(
-                f"max_buffered_input_s must be a non-negative number of seconds, got {self.max_buffered_input_s!r}"
-            )
+            value = self.max_buffered_input_s
+            raise ValueError(f"max_buffered_input_s must be a non-negative number of seconds, got {value!r}")
 
 
 def backoff(policy: RetryPolicy, rng: random.Random | None = None) -> Iterator[float]:
