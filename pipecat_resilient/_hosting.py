@@ -106,9 +106,21 @@ class Hosted(Generic[S]):
     drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
     drain_marker: int | None = None
     last_audio_context: str | None = None
+    # Sessions (speech-to-speech): set once the session takes input, or fails.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    resumes: bool = False
 
     def __str__(self) -> str:
         return f"{self.service}"
+
+
+def _websocket_of(service: object) -> object | None:
+    """The websocket a stock service talks over: its own (Pipecat's websocket
+    services) or its SDK session's (google-genai's Live session)."""
+    websocket = getattr(service, "_websocket", None)
+    if websocket is None:
+        websocket = getattr(getattr(service, "_session", None), "_ws", None)
+    return websocket
 
 
 def socket_open(service: object) -> bool | None:
@@ -285,8 +297,7 @@ class Host(Generic[S]):
             return
         hosted.state = HostedState.RETIRED
         if abort:
-            websocket = getattr(hosted.service, "_websocket", None)
-            transport = getattr(websocket, "transport", None)
+            transport = getattr(_websocket_of(hosted.service), "transport", None)
             if transport is not None:
                 transport.abort()
         task = asyncio.get_running_loop().create_task(self._tear_down(hosted))

@@ -242,6 +242,21 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _drain(self, hosted: Hosted[S]) -> None:
         """Let a failed instance push out what it had already received (TTS audio)."""
 
+    async def _before_retire(self, hosted: Hosted[S]) -> None:
+        """Last chance to let a failed instance finish something (a running tool) before teardown."""
+
+    async def _from_failed(self, hosted: Hosted[S], frame: Frame) -> None:
+        """A frame came out of an instance that failed (dropped unless a subclass needs it)."""
+
+    def _before_connect(self, hosted: Hosted[S]) -> None:
+        """Configure a fresh instance before it is set up (e.g. to resume a session)."""
+
+    async def _after_lost(self, hosted: Hosted[S]) -> None:
+        """The live instance was just cut off (e.g. close what it left open downstream)."""
+
+    async def _after_restore(self, hosted: Hosted[S]) -> None:
+        """A fresh instance is live and was fed the replay."""
+
     def _restore_journal(self, hosted: Hosted[S]) -> None:
         """Tell the journal a fresh instance is live (before the replay is fed)."""
         raise NotImplementedError
@@ -276,6 +291,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 await self._deliver(hosted, frame)
             return
         if hosted is not self._live:
+            if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
+                await self._from_failed(hosted, frame)
             return
         if id(frame) in hosted.swallow:
             hosted.swallow.discard(id(frame))
@@ -387,6 +404,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._lost_at = now()
         logger.warning(f"{self}: lost {hosted.service} ({failure.description}); recovering")
         self.create_task(self._drain_then_retire(hosted), name="drain")
+        await self._after_lost(hosted)
         if self._ended:
             return
         self._recovery_task = self.create_task(self._recover(failure), name="recovery")
@@ -399,8 +417,11 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             logger.debug(f"{self}: draining {hosted.service} ended early ({type(exc).__name__})")
         finally:
             hosted.drained.set()
-            self._host.retire(hosted)
             hosted.drain_done.set()
+        try:
+            await self._before_retire(hosted)
+        finally:
+            self._host.retire(hosted)
 
     async def _drained(self) -> None:
         """Wait until the last failed instance is drained (its evidence counts for the replay)."""
@@ -442,17 +463,20 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         except Exception as exc:
             return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
         timeout = self._retry.attempt_timeout
+        self._before_connect(hosted)
         failure = await self._host.set_up(hosted, self._setup_data, timeout)
         if failure is None:
             failure = await self._host.start(hosted, self._start_frame, timeout)
+        if failure is None:
+            failure = await self._connected(hosted)
         if failure is not None:
             self._host.retire(hosted)
             return None, failure
-        await self._connected(hosted)
         return hosted, None
 
-    async def _connected(self, hosted: Hosted[S]) -> None:
-        """A fresh instance is set up and started (before it is made live)."""
+    async def _connected(self, hosted: Hosted[S]) -> Failure | None:
+        """A fresh instance is set up and started (before it is made live); a failure fails the attempt."""
+        return None
 
     async def _go_live(self, hosted: Hosted[S], episode: Episode, failure: Failure | None) -> None:
         if self._ended:
@@ -464,6 +488,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._live = hosted
         self._restore_journal(hosted)
         units, chars = await self._feed_pending()
+        await self._after_restore(hosted)
         downtime = now() - (self._lost_at or now())
         logger.info(
             f"{self}: recovered on attempt {episode.attempts} after {downtime:.3f}s; "

@@ -13,7 +13,9 @@ an unknown voice or an idle socket; Gemini Live closes with 1007 and 1011.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ class Failure:
             code or status and the provider's reason, never user text.
         code: The websocket close code or HTTP status, when there was one.
         retry_after: Seconds the provider asked us to wait, when it said.
+        trace_id: The provider's trace or request id, when its reason gave one.
     """
 
     verdict: Verdict
@@ -66,6 +69,7 @@ class Failure:
     description: str
     code: int | None = None
     retry_after: float | None = None
+    trace_id: str | None = None
 
     @property
     def is_permanent(self) -> bool:
@@ -133,6 +137,17 @@ def classify_close(code: int | None, reason: str = "") -> Failure:
         The classified failure.
     """
     reason = (reason or "").strip()
+    failure = _classify_close(code, reason)
+    match = _TRACE_ID.search(reason)
+    if match:
+        failure = dataclasses.replace(failure, trace_id=match.group(1))
+    return failure
+
+
+_TRACE_ID = re.compile(r"(?i)\b(?:trace|request)[ _-]?id\W{0,3}([A-Za-z0-9][\w.:/-]{3,})")
+
+
+def _classify_close(code: int | None, reason: str) -> Failure:
     label = f"close {code}" if code is not None else "connection lost"
     detail = f"{label} ({reason})" if reason else label
     if code is None:
@@ -269,6 +284,12 @@ def classify_exception(exc: BaseException | None) -> Failure | None:
         code = frame.code if frame is not None else 1006
         reason = exc.rcvd.reason if exc.rcvd is not None else ""
         return classify_close(code, reason)
+    close_code = getattr(exc, "code", None)
+    if isinstance(close_code, int) and not isinstance(close_code, bool) and 1000 <= close_code <= 4999:
+        # google-genai raises APIError(code=close code, details=close reason)
+        # when the Live API closes the socket.
+        details = getattr(exc, "details", None) or getattr(exc, "message", None) or ""
+        return classify_close(close_code, details if isinstance(details, str) else str(details))
     if isinstance(exc, InvalidStatus):
         response = exc.response
         return classify_status(response.status_code, response.headers)

@@ -356,9 +356,10 @@ class ResilientTTS(ResilientProcessor[TTSService]):
     def _instance_live(self, hosted: Hosted[TTSService]) -> None:
         self._ledger.set_word_timestamps(hosted.word_timestamps)
 
-    async def _connected(self, hosted: Hosted[TTSService]) -> None:
+    async def _connected(self, hosted: Hosted[TTSService]) -> Failure | None:
         for frame in self._settings:
             await hosted.service.queue_frame(_settings_for_instance(frame))
+        return None
 
     def _restore_journal(self, hosted: Hosted[TTSService]) -> None:
         self._ledger.connection_restored(word_timestamps=hosted.word_timestamps)

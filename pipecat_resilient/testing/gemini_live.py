@@ -29,7 +29,10 @@ header ``x-goog-api-key``), as google-genai 2.34 and Pipecat 1.14 speak it:
 The model:
 
 * Answers each user input with the reply its ``script`` gives for the input's
-  text (stripped), by default ``"You said: <text>."``. Blank input (the stock
+  text (stripped), by default ``"You said: <text>."``. An input asking to
+  answer again after a drop, as :class:`~pipecat_resilient.llm.ResilientLLM`
+  words it (``... last message was: "Q". Of your answer the user heard only:
+  "H". ...``), gets the rest of Q's reply after the words of H. Blank input (the stock
   service's ``realtime_input{text: " "}`` nudge, a blank seed turn) gets no
   reply unless the script maps ``""``.
 * User input is a ``client_content`` whose ``turnComplete`` is true (its last
@@ -295,6 +298,24 @@ def _b64decode(text: str) -> bytes:
 
 def _echo(text: str) -> str:
     return f"You said: {text.rstrip('.!?')}."
+
+
+# How ResilientLLM asks a fresh session to answer again; the emulator plays a
+# model that follows the instruction.
+_CONTINUE = re.compile(
+    r'last message was: "(?P<question>.*?)"\.(?: Of your answer the user heard only: "(?P<heard>.*?)"\.)?'
+)
+
+
+def _rest_after(reply: str, heard: str) -> str:
+    """The words of ``reply`` after the whole words of it that were heard."""
+    words, heard_words = reply.split(), heard.split()
+    count = 0
+    for spoken, word in zip(heard_words, words, strict=False):
+        if spoken != word:
+            break
+        count += 1
+    return " ".join(words[count:])
 
 
 class GeminiLiveEmulator(WebsocketEmulator):
@@ -704,6 +725,14 @@ class GeminiLiveEmulator(WebsocketEmulator):
 
     def _reply_for(self, text: str) -> Reply | None:
         key = text.strip()
+        asked = _CONTINUE.search(key)
+        if asked is not None:
+            # Asked to answer again after a drop (as ResilientLLM asks): the
+            # rest of the answer to the user's last message, after what was heard.
+            original = self._reply_for(asked.group("question"))
+            if isinstance(original, str):
+                return _rest_after(original, asked.group("heard") or "")
+            return original
         if callable(self.script):
             reply = self.script(key)
         elif self.script is not None:
