@@ -109,6 +109,7 @@ class Hosted(Generic[S]):
     # Sessions (speech-to-speech): set once the session takes input, or fails.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resumes: bool = False
+    asked_to_answer: bool = False  # seeded so that the model answers at once
 
     def __str__(self) -> str:
         return f"{self.service}"

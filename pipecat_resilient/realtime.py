@@ -166,13 +166,17 @@ class ResilientRealtimeLLM(ResilientLLM):
             self._user_speaking = False
         if isinstance(frame, LLMContextFrame):
             self._context = frame.context
+            if _last_role(frame.context) == "user":
+                self._owed_on_feed = True
         if isinstance(frame, InterruptionFrame) and direction is FrameDirection.DOWNSTREAM:
             self._session.interrupted()
         failed = self.state is State.FAILED
         if isinstance(frame, (*_INPUT, EndFrame)) and not failed:
             seconds = _seconds(frame)
+            owed = isinstance(frame, (UserStoppedSpeakingFrame, InputTextRawFrame)) or self._owed_on_feed
+            self._owed_on_feed = False
             if self._session.input_accepted((frame, direction), seconds=seconds):
-                if isinstance(frame, (UserStoppedSpeakingFrame, InputTextRawFrame)):
+                if owed:
                     self._session.reply_owed(now=now())
                 await self._feed_input(frame, direction)
             return
@@ -267,6 +271,7 @@ class ResilientRealtimeLLM(ResilientLLM):
                     tools=context.tools,
                     tool_choice=context.tool_choice,
                 )
+            hosted.asked_to_answer = answer
             await service.queue_frame(LLMContextFrame(context))
         try:
             async with asyncio.timeout(self._retry.attempt_timeout):
@@ -276,10 +281,12 @@ class ResilientRealtimeLLM(ResilientLLM):
         except TimeoutError:
             return Failure(Verdict.TRANSIENT, "connectivity", "the session did not become ready")
         if hosted.failures:
-            if hosted.resumes:
-                # A refused handle must not be offered again: seed next time.
+            failure = hosted.failures[-1]
+            if hosted.resumes and failure.verdict is not Verdict.TRANSIENT:
+                # The server refused the handle (it closes with 1007 "invalid
+                # argument"): it must not be offered again; seed next time.
                 self._resume_refused = True
-            return hosted.failures[-1]
+            return failure
         if hosted.resumes and self._context is not None:
             await _gemini.adopt_context(service, self._context)
         return None
@@ -288,19 +295,30 @@ class ResilientRealtimeLLM(ResilientLLM):
         self._session.connection_restored()
 
     async def _after_restore(self, hosted: Hosted[LLMService]) -> None:
-        cut = self._session.cut
-        if cut is not None and hosted.resumes and self._answer_again():
+        asked = hosted.asked_to_answer
+        if hosted.resumes and self._answer_again():
             # The resumed session has no idea a reply was cut: ask for it.
             try:
                 await _gemini.send_turn(hosted.service, self._continue_instruction())
+                asked = True
             except Exception as exc:
                 logger.debug(f"{self}: could not ask the resumed session to answer ({exc})")
-        self._session.answered()
+        self._session.answered(asked=asked, now=now())
         self._cut_closed = False
 
     def _answer_again(self) -> bool:
+        """Whether to have the fresh session answer what the drop cut short.
+
+        Not when the user said something while it was down: that input is
+        delivered instead, and it is what the user wants answered now.
+        """
         cut = self._session.cut
-        return bool(cut is not None and cut.needs_answer and self._replay.answer_again)
+        return bool(
+            cut is not None
+            and cut.needs_answer
+            and self._replay.answer_again
+            and not self._session.has_user_input
+        )
 
     def _continue_instruction(self) -> str:
         cut = self._session.cut
@@ -448,6 +466,11 @@ def _seconds(frame: Frame) -> float:
     if isinstance(frame, InputAudioRawFrame) and frame.sample_rate:
         return len(frame.audio) / (2 * frame.sample_rate * max(1, frame.num_channels))
     return 0.0
+
+
+def _last_role(context: LLMContext) -> str | None:
+    messages = [m for m in context.get_messages() if isinstance(m, dict)]
+    return messages[-1].get("role") if messages else None
 
 
 def _last_user_text(context: LLMContext | None) -> str:

@@ -86,6 +86,12 @@ class _Reply:
     last_output_at: float | None = None
 
 
+def _is_user_turn(frame: object) -> bool:
+    """Whether a buffered frame (or ``(frame, direction)``) is the user saying something."""
+    frame = frame[0] if isinstance(frame, tuple) else frame
+    return type(frame).__name__ in ("InputTextRawFrame", "UserStoppedSpeakingFrame")
+
+
 class SessionJournal:
     """Sans-I/O record of a speech-to-speech session.
 
@@ -111,6 +117,9 @@ class SessionJournal:
         self.cut: Cut | None = None
         self.dropped_audio_s = 0.0
         self._reply = _Reply()
+        # What the user already heard of an answer a fresh session was asked
+        # to continue: a drop during the continuation cuts the whole of it.
+        self._prefix = ""
         self._buffer: deque[_Buffered] = deque()
         self._results: deque[object] = deque()
         self._tools: set[str] = set()
@@ -121,7 +130,7 @@ class SessionJournal:
         """A reply started downstream."""
         reply = self._reply
         reply.open = True
-        reply.heard = ""
+        reply.heard = self._prefix
         reply.owed_since = None
         reply.last_output_at = now
 
@@ -138,6 +147,7 @@ class SessionJournal:
     def reply_ended(self) -> None:
         """The reply ended downstream (completed or interrupted)."""
         self._reply = _Reply()
+        self._prefix = ""
 
     def reply_owed(self, *, now: float) -> None:
         """The user finished a turn: the model owes an answer."""
@@ -147,6 +157,7 @@ class SessionJournal:
     def interrupted(self) -> None:
         """The user interrupted: nothing is owed any more, not even a cut reply."""
         self._reply = _Reply()
+        self._prefix = ""
         if self.cut is not None:
             self.cut = Cut(False, "", False, self.cut.tools_running)
 
@@ -211,7 +222,9 @@ class SessionJournal:
         self.state = State.RECOVERING
         reply = self._reply
         previous = self.cut
-        cut = Cut(reply.open, reply.heard, reply.owed_since is not None, tuple(sorted(self._tools)))
+        owed = reply.owed_since is not None
+        heard = reply.heard if reply.open else (self._prefix if owed else "")
+        cut = Cut(reply.open, heard, owed, tuple(sorted(self._tools)))
         if previous is not None and previous.needs_answer and not cut.needs_answer:
             # Lost again before the last cut was made good: it still stands.
             cut = previous
@@ -224,9 +237,25 @@ class SessionJournal:
             raise InvalidState(f"connection restored while {self.state.name.lower()}")
         self.state = State.LIVE
 
-    def answered(self) -> None:
-        """The cut was made good (the fresh session was asked to answer, or needed not)."""
+    def answered(self, *, asked: bool = False, now: float = 0.0) -> None:
+        """The cut was made good.
+
+        Args:
+            asked: The fresh session was asked to continue the cut answer: it
+                now owes that answer, and what was heard of it counts as heard
+                of the continuation.
+            now: Current time in seconds (when ``asked``).
+        """
+        if asked and self.cut is not None:
+            heard = self.cut.heard
+            self._prefix = heard + " " if heard and not heard.endswith(" ") else heard
+            self.reply_owed(now=now)
         self.cut = None
+
+    @property
+    def has_user_input(self) -> bool:
+        """Whether input buffered during recovery holds something the user said."""
+        return any(item.seconds > 0 or _is_user_turn(item.frame) for item in self._buffer)
 
     def revived(self) -> None:
         """Leave the FAILED state: a fresh session is about to be connected."""
