@@ -1,8 +1,9 @@
-"""A voice bot whose ElevenLabs voice survives dropped sockets without losing a word.
+"""A voice bot whose LLM stream and ElevenLabs voice survive dropped connections without losing a word.
 
 The usual Pipecat pipeline (transport, STT, user aggregator, LLM, TTS,
-transport, assistant aggregator), with one change: the TTS is
-``ResilientTTS`` around a *factory* of the stock ``ElevenLabsTTSService``.
+transport, assistant aggregator), with two changes: the LLM is
+``ResilientLLM`` around a factory of the stock ``OpenAILLMService``, and the
+TTS is ``ResilientTTS`` around a *factory* of the stock ``ElevenLabsTTSService``.
 
 Install and run (keys in the environment or a ``.env`` file)::
 
@@ -32,7 +33,7 @@ from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.workers.runner import WorkerRunner
 
-from pipecat_resilient import RecoveryReport, ReplayFailed, ResilientTTS, RetryPolicy
+from pipecat_resilient import RecoveryReport, ReplayFailed, ResilientLLM, ResilientTTS, RetryPolicy
 
 load_dotenv(override=True)
 
@@ -71,7 +72,8 @@ def make_tts() -> ResilientTTS:
 async def run_bot(transport: BaseTransport, runner_args: RunnerArguments) -> None:
     """Build and run the pipeline on ``transport``."""
     stt = DeepgramSTTService(api_key=os.environ["DEEPGRAM_API_KEY"])
-    llm = OpenAILLMService(api_key=os.environ["OPENAI_API_KEY"])
+    # A broken answer stream is retried (before any text) or continued (after some).
+    llm = ResilientLLM(lambda: OpenAILLMService(api_key=os.environ["OPENAI_API_KEY"]))
     tts = make_tts()
 
     context = LLMContext(
@@ -84,7 +86,7 @@ async def run_bot(transport: BaseTransport, runner_args: RunnerArguments) -> Non
             transport.input(),
             stt,
             aggregators.user(),
-            llm,
+            llm,  # was: OpenAILLMService(...)
             tts,  # was: ElevenLabsTTSService(...)
             transport.output(),
             aggregators.assistant(),  # records only what the caller actually heard

@@ -228,7 +228,7 @@ def _print_case(
 
 
 async def run_demo(
-    *, realtime: bool = True, ms_per_char: float = 25.0, out: Callable[[str], None] = print
+    *, realtime: bool = True, ms_per_char: float = 25.0, out: Callable[[str], None] = print, llm: bool = True
 ) -> list[tuple[SideResult, SideResult]]:
     """Run every case on both sides and print the comparison.
 
@@ -237,9 +237,11 @@ async def run_demo(
             means something); False runs as fast as possible.
         ms_per_char: Speech rate of the emulated voice.
         out: Where to print.
+        llm: Run the LLM cases too (OpenAI stream, Gemini Live session).
 
     Returns:
-        ``(stock, resilient)`` results per case.
+        ``(stock, resilient)`` results per TTS case; the LLM cases' results are
+        in :attr:`last_llm_results`.
     """
     out("pipecat-resilient demo: stock Pipecat vs ResilientTTS, same provider faults, local emulators")
     out("(what was heard is decoded from the audio that reached the end of each pipeline)")
@@ -253,6 +255,8 @@ async def run_demo(
         ]
     )
     pairs = [(stock, resilient) for stock, resilient in results]
+    out("")
+    out("TTS: ElevenLabsTTSService")
     for index, (case, (stock, resilient)) in enumerate(zip(CASES, pairs, strict=True), start=1):
         _print_case(index, case, stock, resilient, out)
     lost_stock = sum(len(s.words.lost) for s, _ in pairs)
@@ -261,10 +265,30 @@ async def run_demo(
     resilient_ok = all(r.words.honest and r.errors == 0 for _, r in pairs)
     out("")
     out(
-        f"stock: {lost_stock} of {total} words lost, {lied_stock} unheard words written into the context.  "
+        f"TTS, stock: {lost_stock} of {total} words lost, {lied_stock} unheard words written into the context.  "
         + ("resilient: every word heard once, context == heard." if resilient_ok else "resilient: NOT CLEAN.")
     )
+    last_llm_results.clear()
+    if llm:
+        from pipecat_resilient.demo_llm import run_llm_cases
+
+        out("")
+        out("LLM")
+        llm_pairs = await run_llm_cases(realtime=realtime, out=out, first_index=len(CASES) + 1)
+        last_llm_results.extend(llm_pairs)
+        if llm_pairs:
+            stock_done = sum(1 for s, _ in llm_pairs if s.complete)
+            resilient_done = sum(1 for _, r in llm_pairs if r.complete)
+            out("")
+            out(
+                f"LLM, stock: {stock_done} of {len(llm_pairs)} answers delivered whole.  "
+                f"resilient: {resilient_done} of {len(llm_pairs)}."
+            )
     return pairs
+
+
+last_llm_results: list = []
+"""The LLM cases' ``(stock, resilient)`` results of the last :func:`run_demo`."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,4 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.verbose else "CRITICAL")
     pairs = asyncio.run(run_demo(realtime=not args.fast))
-    return 0 if all(r.words.honest and r.errors == 0 for _, r in pairs) else 1
+    tts_ok = all(r.words.honest and r.errors == 0 for _, r in pairs)
+    llm_ok = all(r.complete for _, r in last_llm_results)
+    return 0 if tts_ok and llm_ok else 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipecat_resilient.__main__ import main
-from pipecat_resilient.demo import run_demo
+from pipecat_resilient.demo import last_llm_results, run_demo
 
 
 async def test_demo_shows_the_difference() -> None:
@@ -16,6 +16,11 @@ async def test_demo_shows_the_difference() -> None:
         assert resilient.words.honest
         assert resilient.errors == 0
     assert any("every word heard once" in line for line in lines)
+    # The LLM cases: an OpenAI stream and a Gemini Live session, cut mid-answer.
+    assert len(last_llm_results) == 2
+    for stock, resilient in last_llm_results:
+        assert not stock.complete
+        assert resilient.complete
 
 
 def test_cli_usage() -> None:

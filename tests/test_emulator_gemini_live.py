@@ -12,30 +12,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
-    ErrorFrame,
-    Frame,
-    InputAudioRawFrame,
     InputTextRawFrame,
-    LLMContextFrame,
-    StartFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
 )
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
 from pipecat.services.llm_service import FunctionCallParams
-from pipecat.workers.runner import WorkerRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
@@ -45,7 +33,7 @@ from pipecat_resilient.testing.gemini_live import (
     LAST_CHUNK_BEFORE_TURN_COMPLETE,
     PATH,
 )
-from pipecat_resilient.testing.harness import Listener, UpstreamRecorder
+from pipecat_resilient.testing.harness import SessionScenario
 from pipecat_resilient.testing.speech import SpeechDecoder, encode, samples_per_char
 
 from .conftest import UNIT
@@ -61,60 +49,8 @@ def words(text: str) -> list[str]:
     return text.split()
 
 
-@dataclass
-class LiveRun:
-    """The stock service in a pipeline, with a listener where the output transport would be."""
-
-    llm: GeminiLiveLLMService
-    spc: int
-    context: LLMContext = field(default_factory=LLMContext)
-    listener: Listener = field(init=False)
-    recorder: UpstreamRecorder = field(init=False)
-    _worker: PipelineWorker | None = field(init=False, default=None)
-    _task: asyncio.Task[None] | None = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self.listener = Listener(self.spc, name="Listener")
-        self.recorder = UpstreamRecorder(name="UpstreamRecorder")
-
-    async def __aenter__(self) -> LiveRun:
-        pair = LLMContextAggregatorPair(self.context)
-        pipeline = Pipeline([self.recorder, pair.user(), self.llm, self.listener, pair.assistant()])
-        self._worker = PipelineWorker(
-            pipeline, params=PipelineParams(), cancel_on_idle_timeout=False, check_dangling_tasks=False
-        )
-        started = asyncio.Event()
-
-        @self._worker.event_handler("on_pipeline_started")  # type: ignore[untyped-decorator]
-        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
-            started.set()
-
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(self._worker)
-        self._task = asyncio.create_task(runner.run())
-        await asyncio.wait_for(started.wait(), TIMEOUT)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        # Cancel rather than end: a reply left open defers an EndFrame for 30 s.
-        assert self._worker is not None and self._task is not None
-        await asyncio.wait_for(self._worker.cancel(), TIMEOUT)
-        await asyncio.wait_for(self._task, TIMEOUT)
-
-    async def send(self, *frames: Frame) -> None:
-        assert self._worker is not None
-        for frame in frames:
-            await self._worker.queue_frame(frame)
-
-    async def start_conversation(self, user_text: str | None = None) -> None:
-        """Hand the service its context (which answers ``user_text`` when given)."""
-        if user_text is not None:
-            self.context.add_message({"role": "user", "content": user_text})
-        await self.send(LLMContextFrame(self.context))
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; checked after every frame at the listener."""
-        await self.listener.wait_until(predicate, TIMEOUT)
+class LiveRun(SessionScenario):
+    """The kit's SessionScenario, waiting on the stock service's own readiness."""
 
     async def wait_ready(self) -> None:
         """Wait until the service has a session that takes realtime input.
@@ -126,29 +62,6 @@ class LiveRun:
         async with asyncio.timeout(TIMEOUT):
             while not (llm._session is not None and llm._ready_for_realtime_input):
                 await asyncio.sleep(UNIT / 20)
-
-    async def speak(self, text: str) -> None:
-        """Say ``text`` as the user would, in 20 ms frames of 16 kHz speech-code audio."""
-        audio = encode(text, sample_rate=16000, ms_per_char=10)
-        frame_bytes = 640
-        await self.send(
-            *[
-                InputAudioRawFrame(audio=audio[i : i + frame_bytes], sample_rate=16000, num_channels=1)
-                for i in range(0, len(audio), frame_bytes)
-            ]
-        )
-
-    @property
-    def assistant_texts(self) -> list[str]:
-        return [
-            str(m.get("content"))
-            for m in self.context.get_messages()
-            if isinstance(m, dict) and m.get("role") == "assistant"
-        ]
-
-    @property
-    def errors(self) -> list[ErrorFrame]:
-        return self.recorder.errors
 
 
 def stock(emulator: GeminiLiveEmulator, *, model: str = MODEL, **kwargs: Any) -> GeminiLiveLLMService:

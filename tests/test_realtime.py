@@ -20,11 +20,11 @@ from pipecat.services.llm_service import FunctionCallParams
 
 from pipecat_resilient import ReplayPolicy, ResilientLLM, RetryPolicy, State, _gemini
 from pipecat_resilient.realtime import ResilientRealtimeLLM
-from pipecat_resilient.testing import Fault, FaultPlan, GeminiLiveEmulator, ToolCall
+from pipecat_resilient.testing import Fault, FaultPlan, GeminiLiveEmulator, SessionScenario, ToolCall
 from pipecat_resilient.testing.gemini_live import LAST_CHUNK_BEFORE_TURN_COMPLETE
 
 from .conftest import UNIT
-from .test_emulator_gemini_live import MODEL, LiveRun, words
+from .test_emulator_gemini_live import MODEL, words
 
 STORY = "Once upon a time there was a socket that never closed and a bot that never stopped talking."
 NO_WAIT = RetryPolicy(attempts=4, wait_initial=0.0, wait_max=0.0)
@@ -67,12 +67,12 @@ async def wait_ready(llm: ResilientLLM) -> None:
             await asyncio.sleep(UNIT / 20)
 
 
-def heard_once(run: LiveRun, text: str) -> None:
+def heard_once(run: SessionScenario, text: str) -> None:
     """Every word of ``text`` heard in full exactly once, in order (cut fragments aside)."""
     assert run.listener.heard == words(text)
 
 
-def context_is_heard(run: LiveRun) -> None:
+def context_is_heard(run: SessionScenario) -> None:
     """The assistant side of the context is what was heard."""
     assert " ".join(run.assistant_texts).split() == run.listener.heard
 
@@ -88,7 +88,7 @@ async def test_no_fault_conversation() -> None:
     script = {"Tell me a story.": STORY}
     async with GeminiLiveEmulator(script=script) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.responses_ended == 1)
         heard_once(run, STORY)
@@ -114,7 +114,7 @@ async def test_drop_mid_reply_closes_it_resumes_and_answers_the_rest(fault: Faul
         script=script, plan=FaultPlan(fault), bundle_transcription=True
     ) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.heard[-1:] == words(STORY)[-1:])
             await run.wait_until(lambda: run.listener.responses_ended == 2)
@@ -132,7 +132,7 @@ async def test_end_frame_does_not_wait_on_a_cut_reply() -> None:
     plan = FaultPlan(Fault.close(1011, after_audio_chunks=4))
     async with GeminiLiveEmulator(script=script, plan=plan) as emulator:
         llm = resilient(emulator)
-        run = LiveRun(llm, emulator.samples_per_char())
+        run = SessionScenario(llm, emulator.samples_per_char())
         await run.__aenter__()
         await run.start_conversation("Tell me a story.")
         await run.wait_until(lambda: run.listener.responses_ended >= 1)
@@ -150,7 +150,7 @@ async def test_drop_before_the_reply_is_answered_on_the_fresh_session() -> None:
     plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_text_messages=1))
     async with GeminiLiveEmulator(script=script, plan=plan, bundle_transcription=True) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.responses_ended == 1)
         heard_once(run, STORY)
@@ -167,7 +167,7 @@ async def test_refused_resumption_reseeds_the_conversation_as_heard() -> None:
         script=script, plan=plan, bundle_transcription=True, refuse_resumption=True
     ) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.responses_ended == 2)
         heard_once(run, STORY)
@@ -190,7 +190,7 @@ async def test_drop_on_the_replacement_continues_from_all_that_was_heard() -> No
     )
     async with GeminiLiveEmulator(script=script, plan=plan, bundle_transcription=True) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.responses_ended == 3)
         heard_once(run, STORY)
@@ -216,7 +216,7 @@ async def test_tool_result_of_a_dropped_session_is_delivered_once_with_its_name(
     async with GeminiLiveEmulator(script=script, bundle_transcription=True) as emulator:
         llm = resilient(emulator, functions={"get_weather": get_weather})
         context = LLMContext(tools=WEATHER_TOOLS)
-        async with LiveRun(llm, emulator.samples_per_char(), context=context) as run:
+        async with SessionScenario(llm, emulator.samples_per_char(), context=context) as run:
             await run.start_conversation("What is the weather?")
             await asyncio.wait_for(started.wait(), 30 * UNIT)
             await emulator.inject(Fault.close(1011, "Internal error encountered."))
@@ -238,7 +238,7 @@ async def test_input_during_recovery_is_delivered_and_answered() -> None:
     retry = RetryPolicy(attempts=3, wait_initial=5 * UNIT, wait_max=5 * UNIT, jitter=False)
     async with GeminiLiveEmulator(script=script, plan=plan, bundle_transcription=True) as emulator:
         llm = resilient(emulator, retry=retry)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await emulator.wait_for_connections(2)  # refused; the next attempt waits 0.5 s
             assert llm.state is State.RECOVERING
@@ -262,7 +262,7 @@ async def test_interruption_during_recovery_means_no_answer_again() -> None:
         llm = resilient(emulator, retry=retry)
         recovered = asyncio.Event()
         llm.add_event_handler("on_connection_recovered", lambda *_: recovered.set())
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await emulator.wait_for_connections(2)
             await run.send(InterruptionFrame())
@@ -279,7 +279,7 @@ async def test_go_away_hands_over_at_a_turn_boundary_without_a_gap() -> None:
         llm = resilient(emulator)
         lost = []
         llm.add_event_handler("on_connection_lost", lambda _, failure: lost.append(failure))
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Hello.")
             await run.wait_until(lambda: run.listener.responses_ended == 1)
             await emulator.wait_for_connections(2)
@@ -302,7 +302,7 @@ async def test_same_1007_twice_is_poison_and_reported_once_with_its_trace_id() -
     plan = FaultPlan(*[Fault.close(1007, reason, after_text_messages=1, connection=i) for i in range(6)])
     async with GeminiLiveEmulator(plan=plan) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.recorder.wait_until(lambda: len(run.errors) >= 1, 30 * UNIT)
         [error] = run.errors
@@ -317,7 +317,7 @@ async def test_lagging_transcription_loses_nothing_and_repeats_at_most_a_word() 
     plan = FaultPlan(Fault.close(1011, after_audio_chunks=4))
     async with GeminiLiveEmulator(script=script, plan=plan) as emulator:
         llm = resilient(emulator)
-        async with LiveRun(llm, emulator.samples_per_char()) as run:
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await run.wait_until(lambda: run.listener.responses_ended == 2)
         heard = run.listener.heard

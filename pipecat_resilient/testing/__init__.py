@@ -22,7 +22,7 @@ from the audio itself.
 from pipecat_resilient.testing.elevenlabs import ElevenLabsEmulator
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
 from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, ToolCall
-from pipecat_resilient.testing.harness import Listener, Scenario, UpstreamRecorder
+from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenario, UpstreamRecorder
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
 
@@ -37,6 +37,7 @@ __all__ = [
     "Listener",
     "OpenAIEmulator",
     "Scenario",
+    "SessionScenario",
     "SpeechDecoder",
     "ToolCall",
     "UpstreamRecorder",

@@ -31,7 +31,9 @@ from pipecat.frames.frames import (
     EndFrame,
     ErrorFrame,
     Frame,
+    InputAudioRawFrame,
     InterruptionFrame,
+    LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     StartFrame,
@@ -47,9 +49,9 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from pipecat_resilient.testing.speech import SpeechDecoder
+from pipecat_resilient.testing.speech import SpeechDecoder, encode
 
-__all__ = ["Listener", "Scenario", "UpstreamRecorder"]
+__all__ = ["Listener", "Scenario", "SessionScenario", "UpstreamRecorder"]
 
 
 @dataclass
@@ -342,3 +344,94 @@ class Scenario:
     def context_words(self) -> list[str]:
         """The assistant text the context received, as words."""
         return self.context_text.split()
+
+
+@dataclass
+class SessionScenario:
+    """A pipeline around a speech-to-speech LLM (Gemini Live), with a listener and a real context.
+
+    Builds ``recorder -> user aggregator -> llm -> listener -> assistant
+    aggregator``. Leaving the ``async with`` block cancels the pipeline (a
+    stock service holding a cut reply open would defer an ``EndFrame`` 30 s).
+
+    Args:
+        llm: The processor under test (a stock service or a resilient one).
+        spc: Samples per character of the emulator's speech code.
+        context: The conversation; a new, empty one when omitted.
+    """
+
+    llm: FrameProcessor
+    spc: int
+    context: LLMContext = field(default_factory=LLMContext)
+    listener: Listener = field(init=False)
+    recorder: UpstreamRecorder = field(init=False)
+    _worker: PipelineWorker | None = field(init=False, default=None)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.listener = Listener(self.spc, name="Listener")
+        self.recorder = UpstreamRecorder(name="UpstreamRecorder")
+
+    async def __aenter__(self) -> SessionScenario:
+        pair = LLMContextAggregatorPair(self.context)
+        pipeline = Pipeline([self.recorder, pair.user(), self.llm, self.listener, pair.assistant()])
+        self._worker = PipelineWorker(
+            pipeline, params=PipelineParams(), cancel_on_idle_timeout=False, check_dangling_tasks=False
+        )
+        started = asyncio.Event()
+
+        @self._worker.event_handler("on_pipeline_started")
+        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
+            started.set()
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(self._worker)
+        self._task = asyncio.create_task(runner.run())
+        await asyncio.wait_for(started.wait(), 10.0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._worker is not None and self._task is not None
+        await asyncio.wait_for(self._worker.cancel(), 10.0)
+        await asyncio.wait_for(self._task, 10.0)
+
+    async def send(self, *frames: Frame) -> None:
+        """Push frames in at the head of the pipeline, in order."""
+        assert self._worker is not None
+        for frame in frames:
+            await self._worker.queue_frame(frame)
+
+    async def start_conversation(self, user_text: str | None = None) -> None:
+        """Hand the LLM its context (which it answers when ``user_text`` is given)."""
+        if user_text is not None:
+            self.context.add_message({"role": "user", "content": user_text})
+        await self.send(LLMContextFrame(self.context))
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; checked after every frame at the listener."""
+        await self.listener.wait_until(predicate, timeout)
+
+    async def speak(self, text: str, *, sample_rate: int = 16000) -> None:
+        """Say ``text`` as the user would, in 20 ms frames of speech-code audio."""
+        audio = encode(text, sample_rate=sample_rate, ms_per_char=10)
+        frame_bytes = sample_rate // 50 * 2
+        await self.send(
+            *[
+                InputAudioRawFrame(audio=audio[i : i + frame_bytes], sample_rate=sample_rate, num_channels=1)
+                for i in range(0, len(audio), frame_bytes)
+            ]
+        )
+
+    @property
+    def assistant_texts(self) -> list[str]:
+        """The assistant messages the context received."""
+        return [
+            str(m.get("content"))
+            for m in self.context.get_messages()
+            if isinstance(m, dict) and m.get("role") == "assistant"
+        ]
+
+    @property
+    def errors(self) -> list[ErrorFrame]:
+        """Error frames that reached the head of the pipeline."""
+        return self.recorder.errors
