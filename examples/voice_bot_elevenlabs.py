@@ -33,7 +33,7 @@ from pipecat.services.openai.llm import OpenAILLMService
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.workers.runner import WorkerRunner
 
-from pipecat_resilient import RecoveryReport, ReplayFailed, ResilientLLM, ResilientTTS, RetryPolicy
+from pipecat_resilient import Failure, RecoveryReport, ReplayFailed, ResilientLLM, ResilientTTS, RetryPolicy
 
 load_dotenv(override=True)
 
@@ -55,7 +55,7 @@ def make_tts() -> ResilientTTS:
     )
 
     @tts.event_handler("on_connection_lost")
-    async def on_lost(tts: ResilientTTS, failure) -> None:
+    async def on_lost(tts: ResilientTTS, failure: Failure) -> None:
         logger.warning(f"TTS connection lost: {failure.description}")
 
     @tts.event_handler("on_connection_recovered")

@@ -190,6 +190,20 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             self._episode = None
             self._recovery_task = self.create_task(self._recover(None), name="recovery")
 
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Start, cancel, or route the frame (see :meth:`_route`)."""
+        await super().process_frame(frame, direction)
+        if isinstance(frame, StartFrame):
+            await self._start(frame)
+        elif isinstance(frame, CancelFrame):
+            await self._cancel(frame)
+        else:
+            await self._route(frame, direction)
+
+    async def _route(self, frame: Frame, direction: FrameDirection) -> None:
+        """Journal and feed any frame but a StartFrame or a CancelFrame (subclasses)."""
+        await self._pass(frame, direction)
+
     async def _start(self, frame: StartFrame) -> None:
         """Pass the StartFrame on and start the first instance (or recover it)."""
         self._start_frame = frame

@@ -470,37 +470,18 @@ async def _run_turn(run: Scenario, emulator: ElevenLabsEmulator, plan: TurnPlan)
     return result
 
 
-async def _wait_done(
-    run: Scenario, heard: int, stopped: int, *, idle: float = 1.5, limit: float = 30.0
-) -> None:
-    """Wait until the turn was heard and stopped, or nothing happened for ``idle`` seconds."""
+async def _wait_done(run: Scenario, heard: int, stopped: int) -> None:
+    """Wait until the turn was heard and stopped, or nothing happened for a while."""
     listener = run.listener
-    started = time.monotonic()
-    marks = -1
-    changed = started
-    while time.monotonic() - started < limit:
-        try:
-            await run.wait_until(lambda: len(listener.heard) >= heard and listener.stopped >= stopped, 0.1)
-            return
-        except TimeoutError:
-            now = len(listener.marks) + listener.audio_frames
-            if now != marks:
-                marks, changed = now, time.monotonic()
-            elif time.monotonic() - changed > idle:
-                raise
-    raise TimeoutError
+    if not await listener.settle(
+        lambda: len(listener.heard) >= heard and listener.stopped >= stopped, idle=1.5, limit=30.0
+    ):
+        raise TimeoutError
 
 
 async def _quiet(run: Scenario, *, idle: float) -> None:
     """Wait until no frame reached the listener for ``idle`` seconds."""
-    listener = run.listener
-    marks = len(listener.marks) + listener.audio_frames
-    while True:
-        await asyncio.sleep(idle)
-        now = len(listener.marks) + listener.audio_frames
-        if now == marks:
-            return
-        marks = now
+    await run.listener.settle(lambda: False, idle=idle, limit=60.0)
 
 
 def _collect(report: SideReport, run: Scenario, emulator: ElevenLabsEmulator) -> None:

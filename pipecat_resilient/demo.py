@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from loguru import logger
 from pipecat.frames.frames import (
@@ -145,7 +145,10 @@ async def _run_side(case: DemoCase, *, resilient: bool, ms_per_char: float, real
         await run.start()
         await run.send(*case.frames())
         expected = case.text.split()
-        await _settle(run, len(expected), case.utterances)
+        listener = run.listener
+        await listener.settle(
+            lambda: len(listener.heard) >= len(expected) and listener.stopped >= case.utterances
+        )
         if not resilient:
             # A stock service stuck on a half-open socket would spend its close
             # timeouts (4 s) saying goodbye to it; nobody is listening.
@@ -160,27 +163,6 @@ async def _run_side(case: DemoCase, *, resilient: bool, ms_per_char: float, real
             len(emulator.connections),
             recovered,
         )
-
-
-async def _settle(
-    run: Scenario, words: int, utterances: int, *, idle: float = 1.0, limit: float = 20.0
-) -> None:
-    """Wait until everything was heard, or nothing has happened for ``idle`` seconds."""
-    started = time.monotonic()
-    last_marks = -1
-    last_change = started
-    while time.monotonic() - started < limit:
-        try:
-            await run.wait_until(
-                lambda: len(run.heard) >= words and run.listener.stopped >= utterances, timeout=0.2
-            )
-            return
-        except TimeoutError:
-            marks = len(run.listener.marks) + run.listener.audio_frames
-            if marks != last_marks:
-                last_marks, last_change = marks, time.monotonic()
-            elif time.monotonic() - last_change > idle:
-                return
 
 
 def _quote(words: tuple[str, ...], width: int = 96) -> str:
@@ -265,7 +247,8 @@ async def run_demo(
     resilient_ok = all(r.words.honest and r.errors == 0 for _, r in pairs)
     out("")
     out(
-        f"TTS, stock: {lost_stock} of {total} words lost, {lied_stock} unheard words written into the context.  "
+        f"TTS, stock: {lost_stock} of {total} words lost, "
+        f"{lied_stock} unheard words written into the context.  "
         + ("resilient: every word heard once, context == heard." if resilient_ok else "resilient: NOT CLEAN.")
     )
     last_llm_results.clear()
@@ -287,7 +270,7 @@ async def run_demo(
     return pairs
 
 
-last_llm_results: list = []
+last_llm_results: list[Any] = []
 """The LLM cases' ``(stock, resilient)`` results of the last :func:`run_demo`."""
 
 

@@ -10,8 +10,7 @@ demo skips what is not installed.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pipecat.processors.frame_processor import FrameProcessor
@@ -115,8 +114,13 @@ async def _gemini_side(*, resilient: bool, realtime: bool) -> LLMSideResult:
         llm: FrameProcessor = ResilientLLM(make) if resilient else make()
         async with SessionScenario(llm, emulator.samples_per_char()) as run:
             await run.start_conversation(STORY_REQUEST)
-            await _settle(run, len(STORY.split()))
-        listener = run.listener
+            listener = run.listener
+            await listener.settle(
+                lambda: (
+                    len(listener.heard) >= len(STORY.split())
+                    and listener.responses_started == listener.responses_ended
+                )
+            )
         return LLMSideResult(
             "ResilientLLM(GeminiLiveLLMService)" if resilient else "stock GeminiLiveLLMService",
             STORY,
@@ -128,55 +132,44 @@ async def _gemini_side(*, resilient: bool, realtime: bool) -> LLMSideResult:
         )
 
 
-async def _settle(run: object, words: int, *, idle: float = 1.0, limit: float = 20.0) -> None:
-    listener = run.listener  # type: ignore[attr-defined]
-    started = time.monotonic()
-    marks, changed = -1, started
-    while time.monotonic() - started < limit:
-        try:
-            await listener.wait_until(
-                lambda: len(listener.heard) >= words and listener.responses_started == listener.responses_ended,
-                0.2,
-            )
-            return
-        except TimeoutError:
-            now = len(listener.marks) + listener.audio_frames
-            if now != marks:
-                marks, changed = now, time.monotonic()
-            elif time.monotonic() - changed > idle:
-                return
-
-
 def _quote(text: str, width: int = 96) -> str:
     text = text or "(nothing)"
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _print(index: int, title: str, stock: LLMSideResult, resilient: LLMSideResult, out: Callable[[str], None]) -> None:
+def _print(
+    index: int, title: str, stock: LLMSideResult, resilient: LLMSideResult, out: Callable[[str], None]
+) -> None:
     out("")
     out(f"{index}. {title}")
     out(f"   {'':28}{'stock':>14}{'resilient':>14}")
     for label, a, b in (
-        ("whole answer delivered once", "yes" if stock.said.split() == stock.expected.split() else "no",
-         "yes" if resilient.said.split() == resilient.expected.split() else "no"),
-        ("context == what was said", "yes" if stock.context.split() == stock.said.split() else "no",
-         "yes" if resilient.context.split() == resilient.said.split() else "no"),
+        (
+            "whole answer delivered once",
+            "yes" if stock.said.split() == stock.expected.split() else "no",
+            "yes" if resilient.said.split() == resilient.expected.split() else "no",
+        ),
+        (
+            "context == what was said",
+            "yes" if stock.context.split() == stock.said.split() else "no",
+            "yes" if resilient.context.split() == resilient.said.split() else "no",
+        ),
         ("replies left open", stock.open_replies, resilient.open_replies),
         ("error frames", stock.errors, resilient.errors),
         ("requests / connections", stock.connections, resilient.connections),
     ):
         out(f"   {label:28}{a!s:>14}{b!s:>14}")
-    out(f"   stock said:         \"{_quote(stock.said)}\"")
-    out(f"   stock context:      \"{_quote(stock.context)}\"")
-    out(f"   resilient said:     \"{_quote(resilient.said)}\"")
-    out(f"   resilient context:  \"{_quote(resilient.context)}\"")
+    out(f'   stock said:         "{_quote(stock.said)}"')
+    out(f'   stock context:      "{_quote(stock.context)}"')
+    out(f'   resilient said:     "{_quote(resilient.said)}"')
+    out(f'   resilient context:  "{_quote(resilient.context)}"')
 
 
 async def run_llm_cases(
     *, realtime: bool, out: Callable[[str], None], first_index: int
 ) -> list[tuple[LLMSideResult, LLMSideResult]]:
     """Run the LLM cases that the installed extras allow, print them, and return them."""
-    cases: list[tuple[str, Callable[..., object]]] = []
+    cases: list[tuple[str, Callable[..., Awaitable[LLMSideResult]]]] = []
     try:
         import pipecat.services.openai.llm  # noqa: F401
     except ImportError:
@@ -192,11 +185,12 @@ async def run_llm_cases(
         cases.append(("Gemini Live closes the session with 1007 mid-reply", _gemini_side))
     results = await asyncio.gather(
         *[
-            asyncio.gather(side(resilient=False, realtime=realtime), side(resilient=True, realtime=realtime))  # type: ignore[operator]
+            asyncio.gather(side(resilient=False, realtime=realtime), side(resilient=True, realtime=realtime))
             for _, side in cases
         ]
     )
     pairs = [(stock, resilient) for stock, resilient in results]
-    for index, ((title, _), (stock, resilient)) in enumerate(zip(cases, pairs, strict=True), start=first_index):
+    titles = [title for title, _ in cases]
+    for index, (title, (stock, resilient)) in enumerate(zip(titles, pairs, strict=True), start=first_index):
         _print(index, title, stock, resilient, out)
     return pairs

@@ -23,7 +23,6 @@ from typing import Any
 
 from loguru import logger
 from pipecat.frames.frames import (
-    CancelFrame,
     EndFrame,
     Frame,
     FunctionCallInProgressFrame,
@@ -33,7 +32,6 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
-    StartFrame,
     SystemFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -97,7 +95,7 @@ class ResilientLLM(ResilientProcessor[LLMService]):
             timeout is not a positive number.
     """
 
-    def __new__(cls, factory: Callable[[], LLMService], *args: Any, **kwargs: Any) -> ResilientLLM:
+    def __new__(cls, factory: Callable[[], LLMService[Any]], *args: Any, **kwargs: Any) -> ResilientLLM:
         """Pick the speech-to-speech shell when the factory builds a realtime session."""
         if cls is ResilientLLM and callable(factory):
             try:
@@ -114,7 +112,7 @@ class ResilientLLM(ResilientProcessor[LLMService]):
 
     def __init__(
         self,
-        factory: Callable[[], LLMService],
+        factory: Callable[[], LLMService[Any]],
         *,
         retry: RetryPolicy | None = None,
         replay: ReplayPolicy | None = None,
@@ -124,11 +122,7 @@ class ResilientLLM(ResilientProcessor[LLMService]):
     ) -> None:
         """Create the processor and validate its configuration."""
         _check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
-        if replay is None:
-            replay = DEFAULT_REPLAY
-        if not isinstance(replay, ReplayPolicy):
-            raise TypeError(f"replay must be a ReplayPolicy, got {type(replay).__name__}")
-        self._replay = replay
+        self._replay = replay = _replay_policy(replay)
         self._inferences = InferenceJournal(
             first_token_timeout=first_token_timeout,
             stall_timeout=stall_timeout,
@@ -152,14 +146,9 @@ class ResilientLLM(ResilientProcessor[LLMService]):
     # Frames in
     # ------------------------------------------------------------------
 
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+    async def _route(self, frame: Frame, direction: FrameDirection) -> None:
         """Journal each context frame (and what must follow it) and feed the live instance."""
-        await super().process_frame(frame, direction)
-        if isinstance(frame, StartFrame):
-            await self._start(frame)
-        elif isinstance(frame, CancelFrame):
-            await self._cancel(frame)
-        elif isinstance(frame, InterruptionFrame):
+        if isinstance(frame, InterruptionFrame):
             if self.state is not State.FAILED:
                 self._inferences.interrupted()
             await self._pass(frame, direction)
@@ -340,6 +329,15 @@ def _continuation(frame: LLMContextFrame, emitted: str, instruction: str) -> LLM
     copy = LLMContextFrame(context=continued)
     copy.speculation = frame.speculation
     return copy
+
+
+def _replay_policy(replay: ReplayPolicy | None) -> ReplayPolicy:
+    """``replay``, or the default; anything but a ReplayPolicy is refused."""
+    if replay is None:
+        return DEFAULT_REPLAY
+    if not isinstance(replay, ReplayPolicy):
+        raise TypeError(f"replay must be a ReplayPolicy, got {type(replay).__name__}")
+    return replay
 
 
 def _check_seconds(**values: object) -> None:

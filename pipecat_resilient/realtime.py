@@ -36,7 +36,6 @@ from typing import Any
 
 from loguru import logger
 from pipecat.frames.frames import (
-    CancelFrame,
     EndFrame,
     Frame,
     FunctionCallResultFrame,
@@ -49,7 +48,6 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
     LLMTextFrame,
-    StartFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -67,8 +65,8 @@ from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
 from pipecat_resilient._resilient import Abandoned, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict, classify_exception
 from pipecat_resilient.ledger import State
-from pipecat_resilient.llm import ResilientLLM, _check_seconds
-from pipecat_resilient.policy import DEFAULT_REPLAY, ReplayPolicy, RetryPolicy
+from pipecat_resilient.llm import ResilientLLM, _check_seconds, _replay_policy
+from pipecat_resilient.policy import ReplayPolicy, RetryPolicy
 from pipecat_resilient.session import SessionAction, SessionActionKind, SessionJournal
 
 __all__ = ["ResilientRealtimeLLM"]
@@ -111,11 +109,7 @@ class ResilientRealtimeLLM(ResilientLLM):
     ) -> None:
         """Create the processor (see :class:`~pipecat_resilient.llm.ResilientLLM`)."""
         _check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
-        if replay is None:
-            replay = DEFAULT_REPLAY
-        if not isinstance(replay, ReplayPolicy):
-            raise TypeError(f"replay must be a ReplayPolicy, got {type(replay).__name__}")
-        self._replay = replay
+        self._replay = replay = _replay_policy(replay)
         self._session = SessionJournal(
             first_response_timeout=first_token_timeout,
             stall_timeout=stall_timeout,
@@ -151,15 +145,8 @@ class ResilientRealtimeLLM(ResilientLLM):
     # Frames in
     # ------------------------------------------------------------------
 
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+    async def _route(self, frame: Frame, direction: FrameDirection) -> None:
         """Feed input to the live session, or buffer it while recovering."""
-        await ResilientProcessor.process_frame(self, frame, direction)
-        if isinstance(frame, StartFrame):
-            await self._start(frame)
-            return
-        if isinstance(frame, CancelFrame):
-            await self._cancel(frame)
-            return
         if isinstance(frame, UserStartedSpeakingFrame):
             self._user_speaking = True
         elif isinstance(frame, UserStoppedSpeakingFrame):

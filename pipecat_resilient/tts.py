@@ -19,7 +19,6 @@ from typing import Any
 
 from loguru import logger
 from pipecat.frames.frames import (
-    CancelFrame,
     ControlFrame,
     EagerTranscriptionFrame,
     EndFrame,
@@ -30,7 +29,6 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
-    StartFrame,
     SystemFrame,
     TextFrame,
     TranscriptionFrame,
@@ -159,14 +157,9 @@ class ResilientTTS(ResilientProcessor[TTSService]):
     # Frames in
     # ------------------------------------------------------------------
 
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+    async def _route(self, frame: Frame, direction: FrameDirection) -> None:
         """Journal each frame and feed it to the live instance."""
-        await super().process_frame(frame, direction)
-        if isinstance(frame, StartFrame):
-            await self._start(frame)
-        elif isinstance(frame, CancelFrame):
-            await self._cancel(frame)
-        elif direction is FrameDirection.UPSTREAM:
+        if direction is FrameDirection.UPSTREAM:
             await self._pass(frame, direction)
         elif isinstance(frame, InterruptionFrame):
             if self._ledger.state is not State.FAILED:

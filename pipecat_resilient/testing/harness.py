@@ -36,12 +36,12 @@ from pipecat.frames.frames import (
     LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
-    StartFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
 )
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -51,7 +51,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from pipecat_resilient.testing.speech import SpeechDecoder, encode
 
-__all__ = ["Listener", "Scenario", "SessionScenario", "UpstreamRecorder"]
+__all__ = ["Listener", "Scenario", "SessionScenario", "UpstreamRecorder", "start_worker"]
 
 
 @dataclass
@@ -183,6 +183,29 @@ class Listener(FrameProcessor):
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
+    async def settle(self, done: Callable[[], bool], *, idle: float = 1.0, limit: float = 20.0) -> bool:
+        """Wait until ``done()`` holds, or nothing has arrived for ``idle`` seconds, or ``limit`` passed.
+
+        For a service that may never finish (a stock one that lost the rest
+        of its sentence): it is over when it has gone quiet.
+
+        Returns:
+            Whether ``done()`` held.
+        """
+        started = time.monotonic()
+        seen, changed = -1, started
+        while time.monotonic() - started < limit:
+            try:
+                await self.wait_until(done, min(0.1, idle))
+                return True
+            except TimeoutError:
+                activity = len(self.marks) + self.audio_frames
+                if activity != seen:
+                    seen, changed = activity, time.monotonic()
+                elif time.monotonic() - changed > idle:
+                    return done()
+        return done()
+
 
 class UpstreamRecorder(FrameProcessor):
     """Heads the pipeline and records what comes back upstream (errors above all)."""
@@ -211,6 +234,43 @@ class UpstreamRecorder(FrameProcessor):
         """Wait until ``predicate()`` holds (checked after every upstream frame)."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+
+async def start_worker(
+    pipeline: Pipeline,
+    *,
+    params: PipelineParams | None = None,
+    observers: list[BaseObserver] | None = None,
+    timeout: float = 10.0,
+) -> tuple[PipelineWorker, asyncio.Task[None]]:
+    """Run ``pipeline`` in a worker; return once its StartFrame got through.
+
+    Returns:
+        The worker (to queue frames into, cancel) and the task running it.
+
+    Raises:
+        TimeoutError: If the pipeline does not start within ``timeout`` seconds.
+    """
+    worker = PipelineWorker(
+        pipeline,
+        params=params or PipelineParams(),
+        observers=observers or [],
+        cancel_on_idle_timeout=False,
+        check_dangling_tasks=False,
+    )
+    started = asyncio.Event()
+    worker.add_event_handler("on_pipeline_started", lambda *_: started.set())
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    task = asyncio.create_task(runner.run())
+    waiter = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        if task in done:
+            task.result()
+        raise TimeoutError("the pipeline did not start")
+    return worker, task
 
 
 @dataclass
@@ -251,30 +311,9 @@ class Scenario:
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregator = LLMContextAggregatorPair(self.context).assistant()
         pipeline = Pipeline([self.recorder, self.tts, self.listener, aggregator])
-        self._worker = PipelineWorker(
-            pipeline,
-            params=PipelineParams(audio_out_sample_rate=self.sample_rate),
-            cancel_on_idle_timeout=False,
-            check_dangling_tasks=False,
+        self._worker, self._task = await start_worker(
+            pipeline, params=PipelineParams(audio_out_sample_rate=self.sample_rate), timeout=timeout
         )
-        started = asyncio.Event()
-
-        @self._worker.event_handler("on_pipeline_started")
-        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
-            started.set()
-
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(self._worker)
-        self._task = asyncio.create_task(runner.run())
-        waiter = asyncio.create_task(started.wait())
-        done, _ = await asyncio.wait(
-            {waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiter not in done:
-            waiter.cancel()
-            if self._task in done:
-                self._task.result()
-            raise TimeoutError("the pipeline did not start")
 
     async def send(self, *frames: Frame) -> None:
         """Push frames in at the head of the pipeline, in order."""
@@ -375,19 +414,7 @@ class SessionScenario:
     async def __aenter__(self) -> SessionScenario:
         pair = LLMContextAggregatorPair(self.context)
         pipeline = Pipeline([self.recorder, pair.user(), self.llm, self.listener, pair.assistant()])
-        self._worker = PipelineWorker(
-            pipeline, params=PipelineParams(), cancel_on_idle_timeout=False, check_dangling_tasks=False
-        )
-        started = asyncio.Event()
-
-        @self._worker.event_handler("on_pipeline_started")
-        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
-            started.set()
-
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(self._worker)
-        self._task = asyncio.create_task(runner.run())
-        await asyncio.wait_for(started.wait(), 10.0)
+        self._worker, self._task = await start_worker(pipeline)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -42,7 +42,6 @@ from pipecat.frames.frames import (
     LLMMessagesAppendFrame,
     LLMTextFrame,
     MetricsFrame,
-    StartFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.pipeline import Pipeline
@@ -50,7 +49,8 @@ from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
+
+from pipecat_resilient.testing.harness import start_worker
 
 __all__ = ["LLMScenario", "LLMTimeline", "Pushed"]
 
@@ -177,30 +177,7 @@ class LLMScenario:
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregators = LLMContextAggregatorPair(self.context)
         pipeline = Pipeline([aggregators.user(), self.llm, aggregators.assistant()])
-        self._worker = PipelineWorker(
-            pipeline,
-            observers=[self.timeline],
-            cancel_on_idle_timeout=False,
-            check_dangling_tasks=False,
-        )
-        started = asyncio.Event()
-
-        @self._worker.event_handler("on_pipeline_started")
-        async def _on_started(worker: PipelineWorker, frame: StartFrame) -> None:
-            started.set()
-
-        runner = WorkerRunner(handle_sigint=False)
-        await runner.add_workers(self._worker)
-        self._task = asyncio.create_task(runner.run())
-        waiter = asyncio.create_task(started.wait())
-        done, _ = await asyncio.wait(
-            {waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if waiter not in done:
-            waiter.cancel()
-            if self._task in done:
-                self._task.result()
-            raise TimeoutError("the pipeline did not start")
+        self._worker, self._task = await start_worker(pipeline, observers=[self.timeline], timeout=timeout)
 
     async def send(self, *frames: Frame) -> None:
         """Push frames in at the head of the pipeline, in order."""
