@@ -262,6 +262,7 @@ class SideReport:
     connections: int = 0
     faults: int = 0
     turns_cut_off: int = 0
+    unusable_from: int | None = None  # the turn after which the service said it can no longer work
     dead_air: list[float] = field(default_factory=list)
     recovery: list[float] = field(default_factory=list)
     first_audio: list[float] = field(default_factory=list)
@@ -288,6 +289,7 @@ class SideReport:
             "connections": self.connections,
             "faults": self.faults,
             "turns_cut_off": self.turns_cut_off,
+            "unusable_from_turn": self.unusable_from,
             "dead_air_s": _percentiles(self.dead_air),
             "recovery_s": _percentiles(self.recovery),
             "first_audio_no_fault_s": _percentiles(self.first_audio),
@@ -405,6 +407,8 @@ async def _run_side(
         await run.start()
         for plan in schedule:
             report.turns.append(await _run_turn(run, emulator, plan))
+            if report.unusable_from is None and not tts.is_usable:
+                report.unusable_from = plan.index
             progress()
             if plan.pause:
                 await asyncio.sleep(plan.pause)
@@ -424,6 +428,9 @@ async def _run_turn(run: Scenario, emulator: ElevenLabsEmulator, plan: TurnPlan)
     stopped_before = listener.stopped
     audio_before = len(listener.audio_times)
     faults_before = sum(1 for c in emulator.connections if c.fault_at is not None)
+    # A turn's fault belongs to that turn: one that did not fire (a side stuck
+    # on a dead socket) must not pile up for the next connection.
+    emulator.disarm()
     _arm(emulator, plan)
     started = time.monotonic()
     await run.send(*plan.frames())
@@ -589,6 +596,10 @@ def _fmt(stats: dict[str, float | int | None], key: str) -> str:
     return f"{value * 1000:.0f}ms" if isinstance(value, float) else str(value)
 
 
+def _or_dash(value: object) -> object:
+    return "-" if value is None else value
+
+
 def format_table(report: ChaosReport) -> str:
     """The readable summary table."""
     s, r = report.stock.summary(), report.resilient.summary()
@@ -611,6 +622,11 @@ def format_table(report: ChaosReport) -> str:
     row("error frames", s["error_frames"], r["error_frames"])
     row("faults carried out", s["faults"], r["faults"])
     row("turns cut off by a fault", s["turns_cut_off"], r["turns_cut_off"])
+    row(
+        "gave up for good (unusable) at turn",
+        _or_dash(s["unusable_from_turn"]),
+        _or_dash(r["unusable_from_turn"]),
+    )
     for label, key in (
         ("dead air per fault", "dead_air_s"),
         ("recovery, fault to replayed audio", "recovery_s"),

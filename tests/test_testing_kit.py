@@ -128,3 +128,20 @@ async def test_emulator_checks_the_api_key() -> None:
             async with connect(f"{emulator.url}/v1/x", additional_headers={"xi-api-key": "wrong"}):
                 pass
         assert refused.value.response.status_code == 401
+
+
+async def test_disarm_withdraws_faults_armed_while_running() -> None:
+    """Faults armed with arm() and not fired yet are withdrawn; the next connection is clean."""
+    async with ElevenLabsEmulator() as emulator:
+        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?output_format=pcm_24000&auto_mode=true"
+        emulator.arm(Fault.refuse(503))
+        emulator.arm(Fault.close(1012, after_audio_chunks=1), on="next")
+        emulator.disarm()
+        async with connect(url) as ws:
+            emulator.arm(Fault.abort(after_audio_chunks=1))
+            emulator.disarm()
+            await ws.send(json.dumps({"text": "Hello there.", "context_id": "c"}))
+            await ws.send(json.dumps({"context_id": "c", "close_context": True}))
+            while not json.loads(await ws.recv()).get("isFinal"):
+                pass
+        assert [(c.refused, c.fault) for c in emulator.connections] == [(None, None)]

@@ -113,6 +113,10 @@ class ConnectionState:
         self._armed.append(entry)
         self._start_timer(entry)
 
+    def disarm(self) -> None:
+        """Drop the faults armed at run time that have not fired (plan faults stay)."""
+        self._armed = [entry for entry in self._armed if not entry.once]
+
     def start_timers(self) -> None:
         for entry in self._armed:
             self._start_timer(entry)
@@ -128,7 +132,8 @@ class ConnectionState:
 
     async def _after(self, key: int, fault: Fault, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        await self.fire(key, fault)
+        if any(id(entry) == key for entry in self._armed):  # not disarmed meanwhile
+            await self.fire(key, fault)
 
     def stop_timers(self) -> None:
         for task in self._timers:
@@ -315,6 +320,18 @@ class WebsocketEmulator:
             states[-1].arm(fault)
         else:
             self._pending.append(fault)
+
+    def disarm(self) -> None:
+        """Withdraw every fault armed with :meth:`arm` that has not been carried out yet.
+
+        Faults of the emulator's :class:`~.faults.FaultPlan` stay. Useful to keep
+        a workload's faults to the step that armed them: a client stuck on a dead
+        connection would otherwise meet all of them at once when it reconnects.
+        """
+        self._pending.clear()
+        self._pending_refusals.clear()
+        for state in self._states:
+            state.disarm()
 
     async def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
         """Wait until at least ``count`` handshakes have arrived."""
