@@ -512,14 +512,9 @@ def _collect(report: SideReport, run: Scenario, emulator: ElevenLabsEmulator) ->
     # context: the listener stands where a transport would, and a transport
     # drops the audio it had not played yet, so in a real call that word was
     # not heard either. Counted apart, not as a misreport.
-    boundary = {turn.heard[-1] for turn in report.turns if turn.interrupted and turn.heard}
-    missing = list(words.heard_not_in_context)
-    for word in list(missing):
-        if word in boundary:
-            missing.remove(word)
-            boundary.discard(word)
-            report.interruption_boundary += 1
-    report.heard_not_in_context = missing
+    report.heard_not_in_context, report.interruption_boundary = excuse_interruption_boundaries(
+        list(words.heard_not_in_context), report.turns
+    )
     report.errors = len(run.errors)
     report.connections = len(emulator.connections)
     report.faults = sum(1 for c in emulator.connections if c.fault_at is not None)
@@ -544,6 +539,25 @@ def _collect(report: SideReport, run: Scenario, emulator: ElevenLabsEmulator) ->
         if not turn.cut_off:
             turn.dead_air = _dead_air(report.audio, turn.fault_at, turn.ended_at)
             report.dead_air.append(turn.dead_air)
+
+
+def excuse_interruption_boundaries(missing: list[str], turns: Sequence[TurnResult]) -> tuple[list[str], int]:
+    """Split heard words missing from the context into real misreports and interruption boundaries.
+
+    Each interrupted turn may excuse its own last heard word once (see the
+    comment in ``_collect``). Returns the words still missing and how many
+    were excused.
+    """
+    boundary = [turn.heard[-1] for turn in turns if turn.interrupted and turn.heard]
+    left = []
+    excused = 0
+    for word in missing:
+        if word in boundary:
+            boundary.remove(word)
+            excused += 1
+        else:
+            left.append(word)
+    return left, excused
 
 
 def _dead_air(audio: list[tuple[float, float]], since: float, until: float) -> float:

@@ -9,6 +9,8 @@ import pytest
 from pipecat_resilient.chaos import (
     FAULT_KINDS,
     ChaosConfig,
+    TurnResult,
+    excuse_interruption_boundaries,
     format_table,
     make_schedule,
     run_chaos,
@@ -26,6 +28,32 @@ def test_schedule_is_seeded_and_covers_the_mix() -> None:
     assert {t.fault for t in schedule if t.fault} == set(FAULT_KINDS)
     assert {t.kind for t in schedule} == {"llm", "speak"}
     assert all(t.interrupt_after is None for t in schedule if t.fault)
+
+
+def _turn(heard: list[str], *, interrupted: bool) -> TurnResult:
+    return TurnResult(
+        index=0,
+        fault=None,
+        interrupted=interrupted,
+        expected=heard,
+        heard=heard,
+        started_at=0.0,
+        first_audio_at=None,
+        ended_at=0.0,
+    )
+
+
+def test_each_interrupted_turn_excuses_its_own_last_word_once() -> None:
+    """Two interrupted turns ending on the same word excuse it twice; other misses stay misreports."""
+    turns = [
+        _turn(["Invoice", "record!"], interrupted=True),
+        _turn(["Doctor", "record!"], interrupted=True),
+        _turn(["Late", "fee."], interrupted=False),
+    ]
+    left, excused = excuse_interruption_boundaries(["record!", "record!", "fee.", "Doctor"], turns)
+    assert (left, excused) == (["fee.", "Doctor"], 2)
+    left, excused = excuse_interruption_boundaries(["record!", "record!", "record!"], turns)
+    assert (left, excused) == (["record!"], 2)
 
 
 @pytest.mark.parametrize(
