@@ -145,3 +145,23 @@ async def test_disarm_withdraws_faults_armed_while_running() -> None:
             while not json.loads(await ws.recv()).get("isFinal"):
                 pass
         assert [(c.refused, c.fault) for c in emulator.connections] == [(None, None)]
+
+
+async def test_contexts_are_generated_independently() -> None:
+    """A new context's audio does not wait behind an interrupted context's rest (real-time pacing)."""
+    async with ElevenLabsEmulator(realtime=True, ms_per_char=5) as emulator:
+        url = f"{emulator.url}/v1/text-to-speech/v/multi-stream-input?output_format=pcm_24000&auto_mode=true"
+        async with connect(url) as ws:
+            long = "This answer goes on for a good while before it reaches its end. " * 3
+            await ws.send(json.dumps({"text": long, "context_id": "a"}))
+            first = json.loads(await ws.recv())
+            assert first["contextId"] == "a"
+            # The user barges in: the client closes "a" and starts "b".
+            await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+            await ws.send(json.dumps({"text": "Yes?", "context_id": "b"}))
+            await ws.send(json.dumps({"context_id": "b", "close_context": True}))
+            order = []
+            while len([m for m in order if m[1] == "final"]) < 2:
+                message = json.loads(await ws.recv())
+                order.append((message["contextId"], "final" if message.get("isFinal") else "audio"))
+        assert order.index(("b", "final")) < order.index(("a", "final"))

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator
+from websockets.exceptions import ConnectionClosed
+
+from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, _Faulted
 from pipecat_resilient.testing.faults import FaultPlan
 from pipecat_resilient.testing.speech import encode, samples_per_char
 
@@ -48,6 +51,8 @@ class _Context:
     spoken: bool = False  # a message was synthesized in it already
     closed: bool = False
     buffer: str = ""
+    jobs: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)  # None: closed
+    synthesizer: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -56,7 +61,6 @@ class _Session:
     sample_rate: int
     auto_mode: bool
     contexts: dict[str, _Context] = field(default_factory=dict)
-    jobs: asyncio.Queue[tuple[str, str | None]] = field(default_factory=asyncio.Queue)
 
 
 class ElevenLabsEmulator(WebsocketEmulator):
@@ -113,8 +117,6 @@ class ElevenLabsEmulator(WebsocketEmulator):
         sample_rate = int(output_format.rsplit("_", 1)[-1]) if output_format.startswith("pcm_") else 24000
         auto_mode = query.get("auto_mode", ["false"])[0].lower() == "true"
         session = _Session(state, sample_rate, auto_mode)
-        synthesizer = asyncio.create_task(self._synthesize(session))
-        self.track(synthesizer)
         try:
             async for raw in state.ws:
                 message = json.loads(raw)
@@ -122,7 +124,9 @@ class ElevenLabsEmulator(WebsocketEmulator):
                 if await self._on_message(session, message):
                     break
         finally:
-            synthesizer.cancel()
+            for context in session.contexts.values():
+                if context.synthesizer is not None:
+                    context.synthesizer.cancel()
 
     async def _on_message(self, session: _Session, message: dict[str, object]) -> bool:
         """Handle one client message; True when the client asked to close."""
@@ -134,37 +138,46 @@ class ElevenLabsEmulator(WebsocketEmulator):
         context_id = context_id if isinstance(context_id, str) else None
         text = message.get("text")
         if context_id is not None and context_id not in session.contexts:
-            session.contexts[context_id] = _Context(context_id)
+            # Contexts are generated independently, as on the real service: a
+            # new context's audio never waits behind an interrupted one's.
+            new = session.contexts[context_id] = _Context(context_id)
+            new.synthesizer = asyncio.create_task(self._speak(session, new))
+            self.track(new.synthesizer)
         context = session.contexts.get(context_id) if context_id else None
         if isinstance(text, str) and text.strip():
             state.record.texts.append((context_id, text))
             if context is not None and not context.closed:
                 if session.auto_mode:
-                    session.jobs.put_nowait((context.id, text))
+                    context.jobs.put_nowait(text)
                 else:
                     context.buffer += text
                     if _SENTENCE_END.search(context.buffer):
-                        session.jobs.put_nowait((context.id, context.buffer))
+                        context.jobs.put_nowait(context.buffer)
                         context.buffer = ""
             await state.text_received()
         if context is not None and (message.get("flush") or message.get("close_context")):
             if context.buffer:
-                session.jobs.put_nowait((context.id, context.buffer))
+                context.jobs.put_nowait(context.buffer)
                 context.buffer = ""
             if message.get("close_context") and not context.closed:
                 context.closed = True
-                session.jobs.put_nowait((context.id, None))
+                context.jobs.put_nowait(None)
         return False
 
-    async def _synthesize(self, session: _Session) -> None:
-        """Turn queued text into audio messages, one message at a time, in order."""
+    async def _speak(self, session: _Session, context: _Context) -> None:
+        """Run a context's synthesis until it is final or the connection is faulted or gone."""
+        with contextlib.suppress(_Faulted, ConnectionClosed):
+            await self._synthesize(session, context)
+
+    async def _synthesize(self, session: _Session, context: _Context) -> None:
+        """Turn a context's queued text into audio messages, one message at a time, in order."""
         state = session.state
+        context_id = context.id
         while True:
-            context_id, text = await session.jobs.get()
-            context = session.contexts[context_id]
+            text = await context.jobs.get()
             if text is None:
                 await state.send(json.dumps({"isFinal": True, "contextId": context_id}))
-                continue
+                return
             chars = text
             if session.auto_mode and context.spoken and not text[:1].isspace():
                 chars = " " + text
