@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from loguru import logger
-from pipecat.frames.frames import TTSSpeakFrame
-from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.frames.frames import Frame, TTSSpeakFrame
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 
 from pipecat_resilient import ResilientTTS
@@ -76,10 +76,24 @@ def factory(url: str, **kwargs: object) -> Callable[[], ElevenLabsTTSService]:
     return make
 
 
-def build(side: str, url: str) -> FrameProcessor:
-    """The bare stock service, or the same inside ResilientTTS."""
+class PassThrough(FrameProcessor):
+    """A processor that only passes frames on: the cost of any one more stage in a pipeline."""
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        await self.push_frame(frame, direction)
+
+
+def build(side: str, url: str) -> tuple[FrameProcessor, list[FrameProcessor]]:
+    """The processor under test and what follows it.
+
+    ``bare``: the stock service; ``resilient``: the same inside ResilientTTS;
+    ``bare+hop``: the stock service followed by a pass-through processor.
+    """
     make = factory(url)
-    return make() if side == "bare" else ResilientTTS(make)
+    if side == "resilient":
+        return ResilientTTS(make), []
+    return make(), [PassThrough()] if side == "bare+hop" else []
 
 
 @dataclass
@@ -99,7 +113,8 @@ class Run:
 
 async def speak(side: str, url: str, utterances: int, *, ms_per_char: float, sample_rate: int = 24000) -> Run:
     """Speak ``utterances`` TTSSpeakFrames one after the other; time CPU, wall and first audio."""
-    run = Scenario(build(side, url), spc=samples_per_char(sample_rate, ms_per_char), sample_rate=sample_rate)
+    tts, after = build(side, url)
+    run = Scenario(tts, spc=samples_per_char(sample_rate, ms_per_char), sample_rate=sample_rate, after=after)
     await run.start()
     # Warm up (connection, first-use costs) outside the measurement.
     await run.send(TTSSpeakFrame(SENTENCES[0]))

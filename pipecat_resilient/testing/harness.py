@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pipecat.frames.frames import (
@@ -281,11 +281,14 @@ class Scenario:
         tts: The processor under test (a stock service or a resilient one).
         spc: Samples per character of the emulator's speech code.
         sample_rate: Output sample rate of the pipeline.
+        after: Processors placed between the one under test and the listener
+            (a reference pass-through in a benchmark, a ``ServiceSwitcher``...).
     """
 
     tts: FrameProcessor
     spc: int
     sample_rate: int = 24000
+    after: Sequence[FrameProcessor] = ()
     listener: Listener = field(init=False)
     recorder: UpstreamRecorder = field(init=False)
     context: LLMContext = field(init=False)
@@ -310,7 +313,7 @@ class Scenario:
     async def start(self, timeout: float = 10.0) -> None:
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregator = LLMContextAggregatorPair(self.context).assistant()
-        pipeline = Pipeline([self.recorder, self.tts, self.listener, aggregator])
+        pipeline = Pipeline([self.recorder, self.tts, *self.after, self.listener, aggregator])
         self._worker, self._task = await start_worker(
             pipeline, params=PipelineParams(audio_out_sample_rate=self.sample_rate), timeout=timeout
         )
