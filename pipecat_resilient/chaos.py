@@ -293,7 +293,16 @@ class SideReport:
             "dead_air_s": _percentiles(self.dead_air),
             "recovery_s": _percentiles(self.recovery),
             "first_audio_no_fault_s": _percentiles(self.first_audio),
+            "recovery_by_fault_s": self.recovery_by_fault(),
         }
+
+    def recovery_by_fault(self) -> dict[str, dict[str, float | int | None]]:
+        """Recovery time (fault to replayed audio) per fault kind."""
+        by_kind: dict[str, list[float]] = {}
+        for turn in self.turns:
+            if turn.fault and turn.fault_at is not None and turn.recovered_at is not None:
+                by_kind.setdefault(turn.fault, []).append(turn.recovered_at - turn.fault_at)
+        return {kind: _percentiles(values) for kind, values in sorted(by_kind.items())}
 
 
 @dataclass
@@ -648,6 +657,15 @@ def format_table(report: ChaosReport) -> str:
     ):
         for stat in ("p50", "p95", "max"):
             row(f"{label} {stat}", _fmt(s[key], stat), _fmt(r[key], stat))
+    by_kind = r["recovery_by_fault_s"]
+    if by_kind:
+        lines.append("")
+        lines.append("resilient recovery by fault (fault to replayed audio):")
+        for kind, stats in by_kind.items():
+            lines.append(
+                f"  {kind:20} n={stats['n']:<4} p50 {_fmt(stats, 'p50'):>7}  p95 {_fmt(stats, 'p95'):>7}"
+                f"  max {_fmt(stats, 'max'):>7}"
+            )
     lines.append("")
     lines.append(
         "PASS: the resilient side lost, repeated and misreported nothing."

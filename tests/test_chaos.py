@@ -92,3 +92,8 @@ async def test_short_seeded_schedule_loses_repeats_and_misreports_nothing(tmp_pa
     assert data["resilient"]["words_lost"] == 0
     assert len(data["schedule"]) == config.turns
     assert any(path.suffix == ".png" for path in written)
+    # Recovery is broken down by fault kind, for every fault that fired and was recovered from.
+    by_kind = data["resilient"]["recovery_by_fault_s"]
+    fired = {t.fault for t in resilient.turns if t.fault_at is not None and t.recovered_at is not None}
+    assert set(by_kind) == fired and fired
+    assert sum(stats["n"] for stats in by_kind.values()) == data["resilient"]["recovery_s"]["n"]
