@@ -273,8 +273,48 @@ async def start_worker(
     return worker, task
 
 
+class PipelineRun:
+    """A pipeline started with :func:`start_worker`: send frames in, end it or cancel it.
+
+    The base of the scenario classes; subclasses set ``_worker`` and ``_task``
+    when they start.
+    """
+
+    _worker: PipelineWorker | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def send(self, *frames: Frame) -> None:
+        """Push frames in at the head of the pipeline, in order."""
+        assert self._worker is not None, "start() first"
+        for frame in frames:
+            await self._worker.queue_frame(frame)
+
+    async def end(self, timeout: float = 20.0) -> None:
+        """Send an EndFrame and wait for the pipeline to finish.
+
+        A processor holding the EndFrame back (an LLM stuck in a stalled
+        request, a stock service with a cut reply open) makes this time out;
+        use :meth:`cancel` then.
+        """
+        if self._task is None or self._worker is None:
+            return
+        await self._worker.queue_frame(EndFrame())
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        self._task = None
+
+    async def cancel(self) -> None:
+        """Cancel the pipeline at once."""
+        if self._task is None or self._worker is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._worker.cancel(), 5.0)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._task, 5.0)
+        self._task = None
+
+
 @dataclass
-class Scenario:
+class Scenario(PipelineRun):
     """A pipeline around one TTS processor, with a listener and a real context.
 
     Args:
@@ -292,8 +332,6 @@ class Scenario:
     listener: Listener = field(init=False)
     recorder: UpstreamRecorder = field(init=False)
     context: LLMContext = field(init=False)
-    _task: asyncio.Task[None] | None = field(init=False, default=None)
-    _worker: PipelineWorker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.listener = Listener(self.spc, name="Listener")
@@ -318,12 +356,6 @@ class Scenario:
             pipeline, params=PipelineParams(audio_out_sample_rate=self.sample_rate), timeout=timeout
         )
 
-    async def send(self, *frames: Frame) -> None:
-        """Push frames in at the head of the pipeline, in order."""
-        assert self._worker is not None, "start() first"
-        for frame in frames:
-            await self._worker.queue_frame(frame)
-
     async def send_all(self, frames: Iterable[Frame]) -> None:
         """Push every frame of ``frames`` in order."""
         await self.send(*frames)
@@ -335,24 +367,6 @@ class Scenario:
     async def wait_heard(self, count: int, timeout: float = 10.0) -> None:
         """Wait until the listener has heard at least ``count`` whole words."""
         await self.wait_until(lambda: len(self.listener.heard) >= count, timeout)
-
-    async def end(self, timeout: float = 20.0) -> None:
-        """Send an EndFrame and wait for the pipeline to finish."""
-        if self._task is None or self._worker is None:
-            return
-        await self._worker.queue_frame(EndFrame())
-        await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        self._task = None
-
-    async def cancel(self) -> None:
-        """Cancel the pipeline at once."""
-        if self._task is None or self._worker is None:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._worker.cancel(), 5.0)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self._task, 5.0)
-        self._task = None
 
     @property
     def heard(self) -> list[str]:
@@ -389,7 +403,7 @@ class Scenario:
 
 
 @dataclass
-class SessionScenario:
+class SessionScenario(PipelineRun):
     """A pipeline around a speech-to-speech LLM (Gemini Live), with a listener and a real context.
 
     Builds ``recorder -> user aggregator -> llm -> listener -> assistant
@@ -407,8 +421,6 @@ class SessionScenario:
     context: LLMContext = field(default_factory=LLMContext)
     listener: Listener = field(init=False)
     recorder: UpstreamRecorder = field(init=False)
-    _worker: PipelineWorker | None = field(init=False, default=None)
-    _task: asyncio.Task[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.listener = Listener(self.spc, name="Listener")
@@ -421,15 +433,7 @@ class SessionScenario:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._worker is not None and self._task is not None
-        await asyncio.wait_for(self._worker.cancel(), 10.0)
-        await asyncio.wait_for(self._task, 10.0)
-
-    async def send(self, *frames: Frame) -> None:
-        """Push frames in at the head of the pipeline, in order."""
-        assert self._worker is not None
-        for frame in frames:
-            await self._worker.queue_frame(frame)
+        await self.cancel()
 
     async def start_conversation(self, user_text: str | None = None) -> None:
         """Hand the LLM its context (which it answers when ``user_text`` is given)."""

@@ -25,13 +25,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipecat.frames.frames import (
-    EndFrame,
     ErrorFrame,
     Frame,
     FunctionCallInProgressFrame,
@@ -45,12 +43,11 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from pipecat_resilient.testing.harness import start_worker
+from pipecat_resilient.testing.harness import PipelineRun, start_worker
 
 __all__ = ["LLMScenario", "LLMTimeline", "Pushed"]
 
@@ -146,7 +143,7 @@ class LLMTimeline(BaseObserver):
 
 
 @dataclass
-class LLMScenario:
+class LLMScenario(PipelineRun):
     """A pipeline around one LLM processor, with a real context and its aggregators.
 
     Args:
@@ -157,8 +154,6 @@ class LLMScenario:
     llm: FrameProcessor
     context: LLMContext = field(default_factory=LLMContext)
     timeline: LLMTimeline = field(init=False)
-    _task: asyncio.Task[None] | None = field(init=False, default=None)
-    _worker: PipelineWorker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.timeline = LLMTimeline(self.llm)
@@ -179,12 +174,6 @@ class LLMScenario:
         pipeline = Pipeline([aggregators.user(), self.llm, aggregators.assistant()])
         self._worker, self._task = await start_worker(pipeline, observers=[self.timeline], timeout=timeout)
 
-    async def send(self, *frames: Frame) -> None:
-        """Push frames in at the head of the pipeline, in order."""
-        assert self._worker is not None, "start() first"
-        for frame in frames:
-            await self._worker.queue_frame(frame)
-
     async def ask(self, text: str) -> None:
         """Add a user message to the context and run the LLM, as a finished user turn would."""
         await self.send(LLMMessagesAppendFrame([{"role": "user", "content": text}], run_llm=True))
@@ -192,28 +181,6 @@ class LLMScenario:
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds; checked whenever the LLM pushes a frame."""
         await self.timeline.wait_until(predicate, timeout)
-
-    async def end(self, timeout: float = 10.0) -> None:
-        """Send an EndFrame and wait for the pipeline to finish.
-
-        An LLM stuck in a stalled request holds the EndFrame back; use
-        :meth:`cancel` then.
-        """
-        if self._task is None or self._worker is None:
-            return
-        await self._worker.queue_frame(EndFrame())
-        await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        self._task = None
-
-    async def cancel(self) -> None:
-        """Cancel the pipeline at once."""
-        if self._task is None or self._worker is None:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._worker.cancel(), 5.0)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self._task, 5.0)
-        self._task = None
 
     def kinds(self, *, collapse: bool = False) -> list[str]:
         """The short names of the frames the LLM pushed, in order (see :meth:`LLMTimeline.kinds`)."""
