@@ -83,7 +83,6 @@ class Hosted(Generic[S]):
     """One stock service instance and what the shell knows about it."""
 
     service: S
-    generation: int
     state: HostedState = HostedState.CONNECTING
     inlet: Port | None = None
     outlet: Port | None = None
@@ -177,7 +176,6 @@ class Host(Generic[S]):
         self._downstream = downstream
         self._upstream = upstream
         self._prepare = prepare
-        self._generation = 0
         self._retiring: set[asyncio.Task[None]] = set()
         self.all: list[Hosted[S]] = []
         # Build the first instance now, so a factory that raises, returns the
@@ -215,8 +213,7 @@ class Host(Generic[S]):
         return self._host(self._call_factory())
 
     def _host(self, service: S) -> Hosted[S]:
-        self._generation += 1
-        hosted: Hosted[S] = Hosted(service, self._generation)
+        hosted: Hosted[S] = Hosted(service)
         # Recovery is ours: a stock websocket service that reconnects on its
         # own hides the drop and never resends what was in flight.
         if hasattr(service, "_reconnect_on_error"):

@@ -39,7 +39,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.llm_service import LLMService
 
 from pipecat_resilient._hosting import Episode, Hosted, now
-from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
+from pipecat_resilient._resilient import Abandoned, Journal, RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.inference import (
     Inference,
@@ -122,20 +122,24 @@ class ResilientLLM(ResilientProcessor[LLMService]):
     ) -> None:
         """Create the processor and validate its configuration."""
         _check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
-        self._replay = replay = _replay_policy(replay)
-        self._inferences = InferenceJournal(
-            first_token_timeout=first_token_timeout,
-            stall_timeout=stall_timeout,
-            restart=replay.partial_answer == "restart",
-        )
+        self._replay = _replay_policy(replay)
         super().__init__(
             factory,
             LLMService,
-            journal=self._inferences,
+            journal=self._new_journal(first_token_timeout, stall_timeout),
             retry=retry,
             watchdog_tick=max(0.01, min(first_token_timeout, stall_timeout) / 5),
             **kwargs,
         )
+
+    def _new_journal(self, first_token_timeout: float, stall_timeout: float) -> Journal:
+        """Make (and keep) the journal of what is in flight; ``self._replay`` is set."""
+        self._inferences = InferenceJournal(
+            first_token_timeout=first_token_timeout,
+            stall_timeout=stall_timeout,
+            restart=self._replay.partial_answer == "restart",
+        )
+        return self._inferences
 
     @property
     def journal(self) -> InferenceJournal:

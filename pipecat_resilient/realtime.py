@@ -62,11 +62,10 @@ from pipecat.utils.text.base_text_aggregator import TextType
 
 from pipecat_resilient import _gemini
 from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
-from pipecat_resilient._resilient import Abandoned, ResilientProcessor
+from pipecat_resilient._resilient import Abandoned, Journal
 from pipecat_resilient.failures import Failure, Verdict, classify_exception
 from pipecat_resilient.ledger import State
-from pipecat_resilient.llm import ResilientLLM, _check_seconds, _replay_policy
-from pipecat_resilient.policy import ReplayPolicy, RetryPolicy
+from pipecat_resilient.llm import ResilientLLM
 from pipecat_resilient.session import SessionAction, SessionActionKind, SessionJournal
 
 __all__ = ["ResilientRealtimeLLM"]
@@ -97,24 +96,8 @@ class ResilientRealtimeLLM(ResilientLLM):
     ``answer_again`` and ``max_buffered_input_s`` apply.
     """
 
-    def __init__(
-        self,
-        factory: Any,
-        *,
-        retry: RetryPolicy | None = None,
-        replay: ReplayPolicy | None = None,
-        first_token_timeout: float = 5.0,
-        stall_timeout: float = 3.0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, factory: Any, **kwargs: Any) -> None:
         """Create the processor (see :class:`~pipecat_resilient.llm.ResilientLLM`)."""
-        _check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
-        self._replay = replay = _replay_policy(replay)
-        self._session = SessionJournal(
-            first_response_timeout=first_token_timeout,
-            stall_timeout=stall_timeout,
-            max_buffered_audio_s=replay.max_buffered_input_s,
-        )
         self._handle: str | None = None
         self._resume_refused = False
         self._context: LLMContext | None = None
@@ -125,16 +108,16 @@ class ResilientRealtimeLLM(ResilientLLM):
         # complete: a drop must not put half a word into the context.
         self._partial = ""
         self._rotating = False
-        ResilientProcessor.__init__(
-            self,
-            factory,
-            LLMService,
-            journal=self._session,
-            retry=retry,
-            watchdog_tick=max(0.01, min(first_token_timeout, stall_timeout) / 5),
-            **kwargs,
-        )
+        super().__init__(factory, **kwargs)
         _gemini.check(self._host.first.service)
+
+    def _new_journal(self, first_token_timeout: float, stall_timeout: float) -> Journal:
+        self._session = SessionJournal(
+            first_response_timeout=first_token_timeout,
+            stall_timeout=stall_timeout,
+            max_buffered_audio_s=self._replay.max_buffered_input_s,
+        )
+        return self._session
 
     @property
     def journal(self) -> SessionJournal:  # type: ignore[override]

@@ -175,11 +175,6 @@ class SessionJournal:
         """Whether a reply is in progress downstream."""
         return self._reply.open
 
-    @property
-    def heard_text(self) -> str:
-        """The transcription of the reply in progress that went downstream."""
-        return self._reply.heard
-
     # -- input ---------------------------------------------------------------
 
     def input_accepted(self, frame: object, *, seconds: float = 0.0) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipecat.frames.frames import (
@@ -82,7 +82,6 @@ class Listener(FrameProcessor):
         self.responses_started = 0
         self.responses_ended = 0
         self.audio_frames = 0
-        self.audio_bytes = 0
         self.context_words: list[str] = []
         self.first_audio_at: float | None = None
         self.audio_times: list[tuple[float, int]] = []
@@ -102,7 +101,6 @@ class Listener(FrameProcessor):
         if isinstance(frame, TTSAudioRawFrame):
             self.decoder.feed(frame.audio)
             self.audio_frames += 1
-            self.audio_bytes += len(frame.audio)
             self.audio_times.append((now, len(frame.audio)))
             if self.first_audio_at is None:
                 self.first_audio_at = now
@@ -355,10 +353,6 @@ class Scenario(PipelineRun):
         self._worker, self._task = await start_worker(
             pipeline, params=PipelineParams(audio_out_sample_rate=self.sample_rate), timeout=timeout
         )
-
-    async def send_all(self, frames: Iterable[Frame]) -> None:
-        """Push every frame of ``frames`` in order."""
-        await self.send(*frames)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds; checked whenever a frame reaches the listener."""
