@@ -263,6 +263,11 @@ class ResilientRealtimeLLM(ResilientLLM):
 
     def _restore_journal(self, hosted: Hosted[LLMService]) -> None:
         self._session.connection_restored()
+        if self._session.dropped_audio_s:
+            logger.warning(
+                f"{self}: dropped the oldest {self._session.dropped_audio_s:.1f}s of user audio buffered "
+                f"while reconnecting (ReplayPolicy.max_buffered_input_s={self._replay.max_buffered_input_s})"
+            )
 
     async def _after_restore(self, hosted: Hosted[LLMService]) -> None:
         asked = hosted.asked_to_answer

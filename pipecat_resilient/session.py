@@ -115,6 +115,8 @@ class SessionJournal:
         self.max_buffered_audio_s = max_buffered_audio_s
         self.state = State.LIVE
         self.cut: Cut | None = None
+        # Seconds of the oldest buffered user audio dropped to keep within
+        # the bound, since the connection was last lost.
         self.dropped_audio_s = 0.0
         self._reply = _Reply()
         # What the user already heard of an answer a fresh session was asked
@@ -215,6 +217,7 @@ class SessionJournal:
         if self.state is not State.LIVE:
             raise InvalidState(f"connection lost while {self.state.name.lower()}")
         self.state = State.RECOVERING
+        self.dropped_audio_s = 0.0
         reply = self._reply
         previous = self.cut
         owed = reply.owed_since is not None

@@ -8,12 +8,14 @@ Each test asserts on what a listener where the transport would be heard
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import pytest
+from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
-from pipecat.frames.frames import EndFrame, InputTextRawFrame, InterruptionFrame
+from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputTextRawFrame, InterruptionFrame
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService
 from pipecat.services.llm_service import FunctionCallParams
@@ -251,6 +253,32 @@ async def test_input_during_recovery_is_delivered_and_answered() -> None:
         )
         assert "socket" not in run.listener.heard
         assert run.errors == []
+
+
+async def test_audio_over_the_buffer_bound_is_dropped_oldest_first_and_said() -> None:
+    """Audio beyond max_buffered_input_s is dropped oldest first, and a warning says how much."""
+    script = {"Tell me a story.": STORY}
+    plan = FaultPlan(Fault.close(1011, after_audio_chunks=4), Fault.refuse(503, connection=1))
+    retry = RetryPolicy(attempts=3, wait_initial=5 * UNIT, wait_max=5 * UNIT, jitter=False)
+    warnings: list[str] = []
+    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        async with GeminiLiveEmulator(script=script, plan=plan, bundle_transcription=True) as emulator:
+            llm = resilient(emulator, retry=retry, replay=ReplayPolicy(max_buffered_input_s=0.05))
+            async with SessionScenario(llm, emulator.samples_per_char()) as run:
+                await run.start_conversation("Tell me a story.")
+                await emulator.wait_for_connections(2)  # refused; the next attempt waits
+                assert llm.state is State.RECOVERING
+                # Silence of 20, 20, 20, 10 and 30 ms: only the newest 40 ms fit in 50 ms.
+                for ms in (20, 20, 20, 10, 30):
+                    await run.send(InputAudioRawFrame(bytes(32 * ms), 16000, 1))
+                await run.send(InputTextRawFrame("What time is it?"))
+                await run.wait_until(lambda: run.listener.heard[-1:] == ["it."])
+        audio = [m for m in emulator.client_messages("realtime_input", -1) if "audio" in m]
+        assert [len(base64.b64decode(m["audio"]["data"])) for m in audio] == [320, 960]
+    finally:
+        logger.remove(sink)
+    assert any("dropped the oldest 0.1s of user audio" in line for line in warnings)
 
 
 async def test_interruption_during_recovery_means_no_answer_again() -> None:
