@@ -20,11 +20,10 @@ import tracemalloc
 from _common import SENTENCES, emulator_process, factory, quiet
 from pipecat.frames.frames import EndFrame, Frame, TTSSpeakFrame, TTSStoppedFrame
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
 
 from pipecat_resilient import ResilientTTS
+from pipecat_resilient.testing.harness import start_worker
 
 MS_PER_CHAR = 10.0
 
@@ -61,18 +60,7 @@ async def session(
     make = factory(url)
     tts = make() if side == "bare" else ResilientTTS(make)
     sink = Sink()
-    worker = PipelineWorker(
-        Pipeline([tts, sink]),
-        params=PipelineParams(),
-        cancel_on_idle_timeout=False,
-        check_dangling_tasks=False,
-    )
-    started = asyncio.Event()
-    worker.add_event_handler("on_pipeline_started", lambda *_: started.set())
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    task = asyncio.create_task(runner.run())
-    await started.wait()
+    worker, task = await start_worker(Pipeline([tts, sink]), timeout=30.0)
     chars_per_checkpoint = minutes * 60_000 / MS_PER_CHAR / checkpoints
     rows = []
     spoken = 0

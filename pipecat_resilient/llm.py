@@ -17,7 +17,6 @@ from what the factory builds.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -49,7 +48,7 @@ from pipecat_resilient.inference import (
     OverlapTrimmer,
 )
 from pipecat_resilient.ledger import State
-from pipecat_resilient.policy import DEFAULT_REPLAY, ReplayPolicy, RetryPolicy
+from pipecat_resilient.policy import DEFAULT_REPLAY, ReplayPolicy, RetryPolicy, check_seconds
 
 __all__ = ["RecoveryReport", "ResilientLLM"]
 
@@ -121,7 +120,7 @@ class ResilientLLM(ResilientProcessor[LLMService]):
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
-        _check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
+        check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
         self._replay = _replay_policy(replay)
         super().__init__(
             factory,
@@ -342,14 +341,3 @@ def _replay_policy(replay: ReplayPolicy | None) -> ReplayPolicy:
     if not isinstance(replay, ReplayPolicy):
         raise TypeError(f"replay must be a ReplayPolicy, got {type(replay).__name__}")
     return replay
-
-
-def _check_seconds(**values: object) -> None:
-    for name, value in values.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

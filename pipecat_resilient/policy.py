@@ -185,6 +185,13 @@ def _non_negative(value: object) -> bool:
     return _finite(value) and value >= 0  # type: ignore[operator]
 
 
+def check_seconds(**values: object) -> None:
+    """Raise ValueError naming the first argument that is not a positive, finite number of seconds."""
+    for name, value in values.items():
+        if not _positive(value):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
 DEFAULT_RETRY = RetryPolicy()
 """The policy used when none is given."""
 

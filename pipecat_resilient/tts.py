@@ -12,7 +12,6 @@ frames into ledger calls and ledger actions into frames.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ from pipecat_resilient._hosting import Episode, Hosted, HostedState, now, socket
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
-from pipecat_resilient.policy import RetryPolicy
+from pipecat_resilient.policy import RetryPolicy, check_seconds
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
 
@@ -116,14 +115,7 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
-        for name, value in (("first_audio_timeout", first_audio_timeout), ("stall_timeout", stall_timeout)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        check_seconds(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
         self._ledger = Ledger(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
         self._settings: list[TTSUpdateSettingsFrame] = []
         super().__init__(

@@ -26,6 +26,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from pipecat.frames.frames import (
     EndFrame,
@@ -281,6 +282,20 @@ class PipelineRun:
     _worker: PipelineWorker | None = None
     _task: asyncio.Task[None] | None = None
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.end()
+        else:
+            await self.cancel()
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Build and start the pipeline; return once the StartFrame got through."""
+        raise NotImplementedError
+
     async def send(self, *frames: Frame) -> None:
         """Push frames in at the head of the pipeline, in order."""
         assert self._worker is not None, "start() first"
@@ -335,16 +350,6 @@ class Scenario(PipelineRun):
         self.listener = Listener(self.spc, name="Listener")
         self.recorder = UpstreamRecorder(name="UpstreamRecorder")
         self.context = LLMContext()
-
-    async def __aenter__(self) -> Scenario:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            await self.end()
-        else:
-            await self.cancel()
 
     async def start(self, timeout: float = 10.0) -> None:
         """Build and start the pipeline; return once the StartFrame got through."""
@@ -420,11 +425,11 @@ class SessionScenario(PipelineRun):
         self.listener = Listener(self.spc, name="Listener")
         self.recorder = UpstreamRecorder(name="UpstreamRecorder")
 
-    async def __aenter__(self) -> SessionScenario:
+    async def start(self, timeout: float = 10.0) -> None:
+        """Build and start the pipeline; return once the StartFrame got through."""
         pair = LLMContextAggregatorPair(self.context)
         pipeline = Pipeline([self.recorder, pair.user(), self.llm, self.listener, pair.assistant()])
-        self._worker, self._task = await start_worker(pipeline)
-        return self
+        self._worker, self._task = await start_worker(pipeline, timeout=timeout)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.cancel()

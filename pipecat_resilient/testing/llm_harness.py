@@ -158,16 +158,6 @@ class LLMScenario(PipelineRun):
     def __post_init__(self) -> None:
         self.timeline = LLMTimeline(self.llm)
 
-    async def __aenter__(self) -> LLMScenario:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            await self.end()
-        else:
-            await self.cancel()
-
     async def start(self, timeout: float = 10.0) -> None:
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregators = LLMContextAggregatorPair(self.context)
