@@ -23,7 +23,7 @@ from websockets.http11 import Request, Response
 
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
 
-__all__ = ["ConnectionRecord", "WebsocketEmulator"]
+__all__ = ["ConnectionRecord", "ConnectionState", "WorkFailed", "WebsocketEmulator"]
 
 
 @dataclass
@@ -37,7 +37,10 @@ class ConnectionRecord:
         texts: Text messages received, as ``(context_id, text)``.
         messages: Every parsed message received, in order.
         audio_chunks: Audio messages sent.
-        fault: The fault carried out on it, if any.
+        audio_received: Audio messages received (speech-to-text emulators).
+        fault: The fault carried out on it, if any (the last one, when an
+            error message left the connection open for more).
+        errors: Provider error messages sent on it (ERROR faults).
         closed: Whether the connection has ended.
         opened_at: When its handshake arrived (``time.monotonic``).
         first_audio_at: When it sent its first audio, if it did.
@@ -50,7 +53,9 @@ class ConnectionRecord:
     texts: list[tuple[str | None, str]] = field(default_factory=list)
     messages: list[Any] = field(default_factory=list)
     audio_chunks: int = 0
+    audio_received: int = 0
     fault: Fault | None = None
+    errors: list[Fault] = field(default_factory=list)
     closed: bool = False
     opened_at: float = field(default_factory=time.monotonic)
     first_audio_at: float | None = None
@@ -61,6 +66,14 @@ class _Faulted(Exception):
     """Raised inside a connection's tasks once a fault has been carried out."""
 
 
+class WorkFailed(Exception):
+    """Raised to the task whose message triggered a provider error (ERROR fault).
+
+    The connection stays open; the emulator abandons the work in progress (a
+    context being synthesized, a stream being transcribed) and goes on serving.
+    """
+
+
 @dataclass
 class _Armed:
     """A fault waiting on one connection, its triggers counted from ``*_base``."""
@@ -68,6 +81,7 @@ class _Armed:
     fault: Fault
     audio_base: int = 0
     text_base: int = 0
+    received_base: int = 0
     once: bool = False  # armed while running: a delay applies to one message
 
 
@@ -80,6 +94,7 @@ class ConnectionState:
         self.record = record
         self.text_messages = 0
         self.faulted = asyncio.Event()
+        self._errored = False
         self.closing: asyncio.Task[None] | None = None
         self._armed: list[_Armed] = []
         self._timers: list[asyncio.Task[None]] = []
@@ -109,7 +124,9 @@ class ConnectionState:
 
     def arm(self, fault: Fault) -> None:
         """Add a fault whose triggers count from now (a delay applies to the next message only)."""
-        entry = _Armed(fault, self.record.audio_chunks, self.text_messages, once=True)
+        entry = _Armed(
+            fault, self.record.audio_chunks, self.text_messages, self.record.audio_received, once=True
+        )
         self._armed.append(entry)
         self._start_timer(entry)
 
@@ -151,19 +168,30 @@ class ConnectionState:
         self.text_messages += 1
         await self._check("after_text_messages")
 
+    async def audio_received(self) -> None:
+        """Count an audio message received; carry out a fault it triggers. Raises if faulted."""
+        self.record.audio_received += 1
+        await self._check("after_audio_received")
+
     async def _check(self, trigger: str) -> None:
+        self._errored = False
         for entry in list(self._armed):
             wanted = getattr(entry.fault, trigger)
             if wanted is None:
                 continue
             if trigger == "after_audio_chunks":
                 count = self.record.audio_chunks - entry.audio_base
-            else:
+            elif trigger == "after_text_messages":
                 count = self.text_messages - entry.text_base
+            else:
+                count = self.record.audio_received - entry.received_base
             if count == wanted:
                 await self.fire(id(entry), entry.fault)
         if self.faulted.is_set():
             raise _Faulted()
+        if self._errored:
+            self._errored = False
+            raise WorkFailed()
 
     async def fire(self, key: int, fault: Fault) -> None:
         """Carry out ``fault`` on this connection (once per ``key``)."""
@@ -174,6 +202,16 @@ class ConnectionState:
             await self.emulator.send_go_away(self, fault)
             return
         if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
+            return
+        if fault.kind is FaultKind.ERROR:
+            # The provider reports an error and keeps the socket open; the
+            # task whose message triggered it abandons its work (WorkFailed).
+            self.record.fault = fault
+            self.record.fault_at = time.monotonic()
+            self.record.errors.append(fault)
+            self._errored = True
+            logger.debug(f"{self.emulator.name}: connection {self.record.index}: error {fault.code}")
+            await self.emulator.send_error(self, fault)
             return
         self.record.fault = fault
         self.record.fault_at = time.monotonic()
@@ -401,3 +439,10 @@ class WebsocketEmulator:
 
     async def send_go_away(self, state: ConnectionState, fault: Fault) -> None:
         """Announce a close (protocols that have such a message)."""
+
+    async def send_error(self, state: ConnectionState, fault: Fault) -> None:
+        """Send the provider's error message for an ERROR fault (``fault.reason``, ``fault.code``).
+
+        Implemented by emulators whose protocol has one; the socket stays open.
+        """
+        raise NotImplementedError(f"{self.name} has no provider error message")

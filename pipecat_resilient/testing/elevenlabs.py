@@ -16,7 +16,9 @@ output_format=pcm_24000&auto_mode=true``, header ``xi-api-key``):
 * server: ``{"audio": b64, "alignment": {...}, "normalizedAlignment": {...},
   "contextId": C}`` per chunk (alignment times restart at 0 in each message),
   and ``{"isFinal": true, "contextId": C}`` once a closed context has no more
-  audio to send.
+  audio to send; an error as ``{"message": M, "error": TYPE, "code": N,
+  "contextId": C}`` (an ERROR fault: the context being synthesized is
+  abandoned, the socket stays open).
 
 With ``auto_mode=true`` each text message is synthesized as it arrives, and,
 like the Flash models, every message after a context's first starts with a
@@ -36,8 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, _Faulted
-from pipecat_resilient.testing.faults import FaultPlan
+from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, WorkFailed, _Faulted
+from pipecat_resilient.testing.faults import Fault, FaultPlan
 from pipecat_resilient.testing.speech import encode, samples_per_char
 
 __all__ = ["ElevenLabsEmulator"]
@@ -61,6 +63,7 @@ class _Session:
     sample_rate: int
     auto_mode: bool
     contexts: dict[str, _Context] = field(default_factory=dict)
+    speaking: str | None = None  # the context whose audio is being sent
 
 
 class ElevenLabsEmulator(WebsocketEmulator):
@@ -105,6 +108,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
         self.chars_per_chunk = chars_per_chunk
         self.first_audio_delay = first_audio_delay
         self.realtime = realtime
+        self._sessions: dict[int, _Session] = {}
 
     def samples_per_char(self, sample_rate: int) -> int:
         """Samples per character at ``sample_rate`` (what a decoder needs)."""
@@ -117,6 +121,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
         sample_rate = int(output_format.rsplit("_", 1)[-1]) if output_format.startswith("pcm_") else 24000
         auto_mode = query.get("auto_mode", ["false"])[0].lower() == "true"
         session = _Session(state, sample_rate, auto_mode)
+        self._sessions[id(state)] = session
         try:
             async for raw in state.ws:
                 message = json.loads(raw)
@@ -124,10 +129,24 @@ class ElevenLabsEmulator(WebsocketEmulator):
                 if await self._on_message(session, message):
                     break
         finally:
+            self._sessions.pop(id(state), None)
             for context in session.contexts.values():
                 if context.synthesizer is not None:
                     context.synthesizer.cancel()
 
+    async def send_error(self, state: ConnectionState, fault: Fault) -> None:
+        """Send ElevenLabs' error message; the context being synthesized is abandoned."""
+        session = self._sessions.get(id(state))
+        context_id = session.speaking if session is not None else None
+        message: dict[str, object] = {"message": fault.reason, "error": "internal_error", "code": fault.code}
+        if context_id is not None:
+            message["contextId"] = context_id
+        await state.ws.send(json.dumps(message))
+        if session is not None and context_id is not None:
+            context = session.contexts.get(context_id)
+            task = context.synthesizer if context is not None else None
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()  # fired by a timer: abandon it here
     async def _on_message(self, session: _Session, message: dict[str, object]) -> bool:
         """Handle one client message; True when the client asked to close."""
         state = session.state
@@ -166,7 +185,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
 
     async def _speak(self, session: _Session, context: _Context) -> None:
         """Run a context's synthesis until it is final or the connection is faulted or gone."""
-        with contextlib.suppress(_Faulted, ConnectionClosed):
+        with contextlib.suppress(_Faulted, ConnectionClosed, WorkFailed):
             await self._synthesize(session, context)
 
     async def _synthesize(self, session: _Session, context: _Context) -> None:
@@ -203,6 +222,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
                     "charStartTimesMs": [round(i * self.ms_per_char) for i in range(len(chunk))],
                     "charDurationsMs": [round(self.ms_per_char)] * len(chunk),
                 }
+                session.speaking = context_id
                 await state.send(
                     json.dumps(
                         {

@@ -12,7 +12,8 @@ action::
     )
 
 Triggers: ``after_audio_chunks`` (audio messages sent on the connection),
-``after_text_messages`` (text messages received), ``after_seconds`` (since
+``after_text_messages`` (text messages received), ``after_audio_received``
+(audio messages received: speech-to-text emulators), ``after_seconds`` (since
 the connection opened); with none of them the action happens at once.
 
 Actions:
@@ -25,7 +26,10 @@ Actions:
 * ``refuse(status, headers)``: answer the handshake with an HTTP status;
 * ``delay_first_audio(seconds)``: wait before the first audio of every
   message (a slow provider, not a failure);
-* ``go_away(time_left)``: for protocols that announce a close (Gemini Live).
+* ``go_away(time_left)``: for protocols that announce a close (Gemini Live);
+* ``error(message, code)``: send the provider's own error message and leave
+  the socket open (the work in progress when it fires is abandoned, as the
+  real services do); each emulator speaks it in its protocol.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class FaultKind(Enum):
     REFUSE = "refuse"
     DELAY_FIRST_AUDIO = "delay_first_audio"
     GO_AWAY = "go_away"
+    ERROR = "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +63,11 @@ class Fault:
         after_audio_chunks: Trigger once this many audio messages were sent.
         after_text_messages: Trigger once this many text messages arrived.
         after_seconds: Trigger this long after the connection opened.
-        code: Close code (CLOSE).
-        reason: Close reason (CLOSE), or detail for other kinds.
+        after_audio_received: Trigger once this many audio messages arrived
+            (speech-to-text emulators).
+        code: Close code (CLOSE), or the provider's error status (ERROR).
+        reason: Close reason (CLOSE), the error message (ERROR), or detail
+            for other kinds.
         status: HTTP status (REFUSE).
         headers: Response headers (REFUSE), e.g. ``{"Retry-After": "1"}``.
         seconds: Delay (DELAY_FIRST_AUDIO) or announced time left (GO_AWAY).
@@ -75,12 +83,18 @@ class Fault:
     status: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    after_audio_received: int | None = None
 
     def __post_init__(self) -> None:
-        triggers = [self.after_audio_chunks, self.after_text_messages, self.after_seconds]
+        triggers = [
+            self.after_audio_chunks,
+            self.after_text_messages,
+            self.after_seconds,
+            self.after_audio_received,
+        ]
         if sum(t is not None for t in triggers) > 1:
             raise ValueError("a fault takes at most one trigger")
-        for name in ("after_audio_chunks", "after_text_messages"):
+        for name in ("after_audio_chunks", "after_text_messages", "after_audio_received"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -101,6 +115,7 @@ class Fault:
         after_audio_chunks: int | None = None,
         after_text_messages: int | None = None,
         after_seconds: float | None = None,
+        after_audio_received: int | None = None,
     ) -> Fault:
         """Close the websocket cleanly with ``code`` and ``reason``."""
         return cls(
@@ -111,6 +126,7 @@ class Fault:
             after_seconds,
             code=code,
             reason=reason,
+            after_audio_received=after_audio_received,
         )
 
     @classmethod
@@ -121,9 +137,17 @@ class Fault:
         after_audio_chunks: int | None = None,
         after_text_messages: int | None = None,
         after_seconds: float | None = None,
+        after_audio_received: int | None = None,
     ) -> Fault:
         """Drop the TCP connection without a close frame (the client sees 1006)."""
-        return cls(FaultKind.ABORT, connection, after_audio_chunks, after_text_messages, after_seconds)
+        return cls(
+            FaultKind.ABORT,
+            connection,
+            after_audio_chunks,
+            after_text_messages,
+            after_seconds,
+            after_audio_received=after_audio_received,
+        )
 
     @classmethod
     def stall(
@@ -133,9 +157,46 @@ class Fault:
         after_audio_chunks: int | None = None,
         after_text_messages: int | None = None,
         after_seconds: float | None = None,
+        after_audio_received: int | None = None,
     ) -> Fault:
         """Go half-open: keep the socket, never read or send again."""
-        return cls(FaultKind.STALL, connection, after_audio_chunks, after_text_messages, after_seconds)
+        return cls(
+            FaultKind.STALL,
+            connection,
+            after_audio_chunks,
+            after_text_messages,
+            after_seconds,
+            after_audio_received=after_audio_received,
+        )
+
+    @classmethod
+    def error(
+        cls,
+        message: str = "internal server error",
+        code: int = 500,
+        *,
+        connection: int | None = 0,
+        after_audio_chunks: int | None = None,
+        after_text_messages: int | None = None,
+        after_seconds: float | None = None,
+        after_audio_received: int | None = None,
+    ) -> Fault:
+        """Send the provider's error message (``message``, status ``code``) with the socket left open.
+
+        The work in progress when it fires (the context being synthesized,
+        the stream being transcribed) is abandoned, as the real services do;
+        the connection keeps serving what comes next.
+        """
+        return cls(
+            FaultKind.ERROR,
+            connection,
+            after_audio_chunks,
+            after_text_messages,
+            after_seconds,
+            code=code,
+            reason=message,
+            after_audio_received=after_audio_received,
+        )
 
     @classmethod
     def refuse(
@@ -185,6 +246,7 @@ class Fault:
             self.after_audio_chunks is None
             and self.after_text_messages is None
             and self.after_seconds is None
+            and self.after_audio_received is None
         )
 
 
