@@ -18,6 +18,7 @@ when the resilient side lost, repeated or misreported a word.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -724,25 +725,45 @@ def _timeline(report: ChaosReport, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pipecat-resilient chaos``."""
-    import argparse
+    """Entry point of ``pipecat-resilient chaos``.
 
-    parser = argparse.ArgumentParser(prog="pipecat-resilient chaos", description=__doc__.split("\n\n")[0])
+    Returns:
+        0 when the resilient side lost, repeated and misreported nothing, 1
+        when it did. A usage error exits 2 (``SystemExit``, from argparse)
+        before anything runs.
+    """
+    parser = argparse.ArgumentParser(
+        prog="pipecat-resilient chaos",
+        description="Run a seeded schedule of provider faults (close codes, dropped connections, "
+        "half-open stalls, refused reconnects, slow first audio) through the stock ElevenLabs TTS "
+        "service and through the same service inside ResilientTTS, both at once, each on its own "
+        "embedded emulator. Prints words lost, heard twice and misreported to the context, dead air "
+        "and recovery time, and writes a JSON report and a timeline picture.",
+        epilog="Exit status: 0 when the resilient side lost, repeated and misreported nothing, 1 when "
+        "it did, 2 on a usage error.",
+    )
     parser.add_argument("--seed", type=int, default=1, help="schedule seed (default 1)")
-    parser.add_argument("--turns", type=int, default=12, help="number of turns (default 12)")
+    parser.add_argument("--turns", type=_count(minimum=1), default=12, help="number of turns (default 12)")
     parser.add_argument(
-        "--faults", type=int, default=None, help="number of faults (default: two thirds of the turns)"
+        "--faults",
+        type=_count(minimum=0),
+        default=None,
+        help="number of faults, at most one per turn (default: two thirds of the turns)",
     )
     parser.add_argument(
         "--mix",
-        default=",".join(FAULT_KINDS),
+        type=_fault_kinds,
+        default=FAULT_KINDS,
         help=f"comma list of fault kinds (default: all: {','.join(FAULT_KINDS)})",
     )
     parser.add_argument(
         "--realtime", action="store_true", help="pace audio in real time (dead air is meaningful)"
     )
     parser.add_argument(
-        "--ms-per-char", type=float, default=None, help="speech rate (default 4, or 20 with --realtime)"
+        "--ms-per-char",
+        type=_positive_number,
+        default=None,
+        help="speech rate (default 4, or 20 with --realtime)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("chaos-report"), help="output folder (default ./chaos-report)"
@@ -750,25 +771,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the services' log")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: not a folder: {args.out}")
+    turns = args.turns
+    try:
+        config = ChaosConfig(
+            seed=args.seed,
+            turns=turns,
+            faults=args.faults if args.faults is not None else (2 * turns) // 3,
+            mix=args.mix,
+            realtime=args.realtime,
+            ms_per_char=args.ms_per_char or (20.0 if args.realtime else 4.0),
+            first_audio_delay=0.1 if args.realtime else 0.05,
+            out=args.out,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.verbose else "CRITICAL")
-    turns = args.turns
-    config = ChaosConfig(
-        seed=args.seed,
-        turns=turns,
-        faults=args.faults if args.faults is not None else (2 * turns) // 3,
-        mix=tuple(kind for kind in args.mix.split(",") if kind),
-        realtime=args.realtime,
-        ms_per_char=args.ms_per_char or (20.0 if args.realtime else 4.0),
-        first_audio_delay=0.1 if args.realtime else 0.05,
-        out=args.out,
-    )
     report = asyncio.run(_with_progress(config, enabled=not args.no_progress))
     print(format_table(report))
     if config.out is not None:
         for path in write_outputs(report, config.out):
             print(f"wrote {path}")
     return 0 if report.passed else 1
+
+
+def _count(*, minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number more than 0, got {text!r}")
+    return value
+
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    """An argparse type: a comma list of :data:`FAULT_KINDS` (empty items are skipped)."""
+    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise argparse.ArgumentTypeError(
+            f"unknown fault kind{plural}: {', '.join(unknown)} (choose from {', '.join(FAULT_KINDS)})"
+        )
+    return kinds
 
 
 async def _with_progress(config: ChaosConfig, *, enabled: bool) -> ChaosReport:

@@ -21,6 +21,7 @@ from pipecat.processors.frame_processor import ErrorCategory, FrameDirection
 from pipecat.services.llm_service import FunctionCallParams
 from pipecat.services.openai.llm import OpenAILLMService
 
+from pipecat_resilient.policy import CONTINUE_INSTRUCTION
 from pipecat_resilient.testing import Fault, FaultKind, FaultPlan, OpenAIEmulator
 from pipecat_resilient.testing.llm_harness import LLMScenario
 from pipecat_resilient.testing.openai import ChatToolCall, tokens
@@ -335,3 +336,77 @@ async def test_paced_stream_drops_after_a_time() -> None:
             await ask_and_wait(run)
     assert run.texts == tokens(ANSWER)[:3]
     assert run.kinds(collapse=True) == ["start", "text", "error", "end"]
+
+
+# Conversations of several turns, and requests to continue a cut answer.
+
+FIRST, SECOND = "what time is it", "and the date"
+TWO_TURNS = {FIRST: "It is ten past nine in the morning.", SECOND: "Today is Tuesday the fourth of March."}
+
+
+async def test_second_turn_of_a_conversation_gets_its_own_reply() -> None:
+    """User, assistant, user: the second turn gets its own scripted reply; it is not a cut answer."""
+    async with OpenAIEmulator(replies=TWO_TURNS) as emulator:
+        async with LLMScenario(stock_llm(emulator)) as run:
+            await ask_and_wait(run, FIRST)
+            await ask_and_wait(run, SECOND, responses=2)
+    assert run.responses == [TWO_TURNS[FIRST], TWO_TURNS[SECOND]]
+    assert run.assistant_texts == [TWO_TURNS[FIRST], TWO_TURNS[SECOND]]
+    assert run.errors == []
+    second = emulator.requests[1]
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "user"]
+    assert second.text_sent == TWO_TURNS[SECOND] and second.cut_answer is None
+
+
+async def test_fault_planned_for_the_second_request_fires() -> None:
+    """A drop planned for the second request of a conversation cuts the second answer."""
+    plan = FaultPlan(Fault.abort(after_audio_chunks=2, connection=1))
+    async with OpenAIEmulator(plan=plan, replies=TWO_TURNS) as emulator:
+        async with LLMScenario(stock_llm(emulator, max_retries=0)) as run:
+            await ask_and_wait(run, FIRST)
+            await ask_and_wait(run, SECOND, responses=2)
+    first, second = emulator.requests
+    assert first.fault is None and first.completed
+    assert second.fault is not None and second.fault.kind is FaultKind.ABORT
+    assert second.text_sent == "".join(tokens(TWO_TURNS[SECOND])[:2])
+    assert run.responses == [TWO_TURNS[FIRST], second.text_sent]
+    assert len(run.errors) == 1
+
+
+async def complete(emulator: OpenAIEmulator, messages: list[dict[str, str]]) -> str:
+    """The streamed answer to ``messages``, through the openai SDK."""
+    client = AsyncOpenAI(api_key=API_KEY, base_url=emulator.base_url, max_retries=0)
+    stream = await client.chat.completions.create(model="gpt-4.1", messages=messages, stream=True)  # type: ignore[arg-type]
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def test_only_the_continue_instruction_asks_to_continue() -> None:
+    """A cut answer is continued when the last user message is the instruction, and not otherwise."""
+    whole = TWO_TURNS[SECOND]
+    cut = "".join(tokens(whole)[:3])
+    conversation = [
+        {"role": "user", "content": FIRST},
+        {"role": "assistant", "content": TWO_TURNS[FIRST]},
+        {"role": "user", "content": SECOND},
+        {"role": "assistant", "content": cut},
+    ]
+    async with OpenAIEmulator(replies=TWO_TURNS) as emulator:
+        continued = await complete(
+            emulator, [*conversation, {"role": "user", "content": CONTINUE_INSTRUCTION}]
+        )
+        # The same ending with another user text is a new turn, answered on its own.
+        asked = await complete(emulator, [*conversation, {"role": "user", "content": cut}])
+    assert continued == whole[len(cut) :]
+    assert emulator.requests[0].cut_answer == cut
+    assert asked == f"You said: {cut}. That is all." and emulator.requests[1].cut_answer is None
+
+
+async def test_continue_marker_matches_a_custom_instruction() -> None:
+    """With continue_marker set, that text (not the default instruction) asks to continue."""
+    cut = "".join(tokens(ANSWER)[:4])
+    conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": cut}]
+    async with OpenAIEmulator(continue_marker="Go on.") as emulator:
+        continued = await complete(emulator, [*conversation, {"role": "user", "content": "Go on."}])
+        default = await complete(emulator, [*conversation, {"role": "user", "content": CONTINUE_INSTRUCTION}])
+    assert continued == ANSWER[len(cut) :]
+    assert default == f"You said: {CONTINUE_INSTRUCTION}. That is all."

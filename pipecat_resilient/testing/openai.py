@@ -8,25 +8,33 @@ token, then a chunk with ``finish_reason``, a usage chunk when
 scripted and deterministic, and faults come from a
 :class:`~pipecat_resilient.testing.faults.FaultPlan`.
 
-Replies, by the text of the last user message:
+Conversations hold any number of turns. Replies:
 
-* a scripted reply from ``replies`` (text, or one or more :class:`ChatToolCall`,
-  streamed as ``tool_calls`` deltas with the id and name first and the JSON
-  arguments split over later chunks);
-* otherwise ``"You said: <text>. That is all."``;
+* a request that asks to continue a cut answer - it ends with the cut
+  assistant answer and a user message that is the continuation instruction
+  (``continue_marker``: by default
+  :data:`~pipecat_resilient.policy.CONTINUE_INSTRUCTION`, what
+  :class:`~pipecat_resilient.llm.ResilientLLM` sends after a drop) - is
+  answered with the rest of the answer the conversation before it would get,
+  after repeating its last ``repeat_on_continue`` words, like a model that
+  does not quite follow the instruction (:attr:`ChatRequest.cut_answer` holds
+  the cut answer);
 * a request whose messages after the last user message hold ``tool`` results
-  (a *continuation*) is answered with text that quotes them:
+  (:attr:`ChatRequest.continuation`) is answered with text that quotes them:
   ``"get_weather returned {"conditions": "sunny"}."``;
-* a request that ends with a cut assistant answer and a user message asking
-  to continue it (what :class:`~pipecat_resilient.llm.ResilientLLM` sends
-  after a drop) is answered with the rest of the answer the conversation
-  before it would get - after repeating its last ``repeat_on_continue`` words,
-  like a model that does not quite follow the instruction.
+* any other request is a new turn, answered by the text of its last user
+  message, whatever earlier turns precede it: a scripted reply from
+  ``replies`` (text, or one or more :class:`ChatToolCall`, streamed as
+  ``tool_calls`` deltas with the id and name first and the JSON arguments
+  split over later chunks), otherwise ``"You said: <text>. That is all."``.
+  An assistant message before the last user message is an earlier turn, not
+  a cut answer: only the continuation instruction asks to continue.
 
 Faults count *requests* where the websocket emulators count connections: the
 ``connection`` field of a :class:`~.faults.Fault` is the request's index (0-based,
 in arrival order, refused ones and the SDK's own retries included; ``None``
-for every request). Kinds and triggers:
+for every request), whatever the request is (a first turn, a later turn, a
+tool result or a continuation). Kinds and triggers:
 
 * ``refuse(status, headers=...)``: answer with that HTTP status and an
   OpenAI-style error body (500, 503, 429 with ``Retry-After``, 401, ...);
@@ -61,6 +69,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from pipecat_resilient.policy import CONTINUE_INSTRUCTION
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
 
 __all__ = ["ChatRequest", "OpenAIEmulator", "ChatToolCall"]
@@ -131,6 +140,8 @@ class ChatRequest:
         completed: Whether ``[DONE]`` was sent.
         closed: Whether the response is over, one way or another.
         received_at: ``time.monotonic()`` at arrival.
+        cut_answer: The cut assistant answer the request asked to continue
+            (its last message is the continuation instruction), else None.
     """
 
     index: int
@@ -146,6 +157,7 @@ class ChatRequest:
     completed: bool = False
     closed: bool = False
     received_at: float = field(default_factory=time.monotonic)
+    cut_answer: str | None = None
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -280,6 +292,9 @@ class OpenAIEmulator:
         tool_reply: Answer to a continuation, from its ``(name, content)`` results.
         chunk_interval: Seconds between chunks; 0 sends them as fast as they are read.
         repeat_on_continue: Words of the cut answer a continuation repeats first.
+        continue_marker: The user text that asks to continue the assistant
+            answer before it (``ReplayPolicy.continue_instruction``; the default
+            instruction when omitted).
     """
 
     name = "openai"
@@ -294,9 +309,13 @@ class OpenAIEmulator:
         tool_reply: Callable[[Sequence[tuple[str, str]]], str] = _default_tool_reply,
         chunk_interval: float = 0.0,
         repeat_on_continue: int = 0,
+        continue_marker: str = CONTINUE_INSTRUCTION,
     ) -> None:
         """Create a stopped emulator."""
+        if not isinstance(continue_marker, str) or not continue_marker.strip():
+            raise ValueError("continue_marker must be a non-empty string")
         self.repeat_on_continue = repeat_on_continue
+        self.continue_marker = continue_marker
         self.plan = plan or FaultPlan()
         for fault in self.plan:
             self._check_fault(fault)
@@ -382,10 +401,12 @@ class OpenAIEmulator:
 
     def plan_reply(self, record: ChatRequest) -> None:
         """Fill in ``record.reply`` or ``record.tool_calls`` from the script."""
-        rest = self._rest_of_cut_answer(record)
-        if rest is not None:
-            record.reply = rest
-            return
+        record.cut_answer = self._cut_answer(record.messages)
+        if record.cut_answer is not None:
+            rest = self._rest_of_cut_answer(record, record.cut_answer)
+            if rest is not None:
+                record.reply = rest
+                return
         if record.continuation:
             record.reply = self.tool_reply(record.tool_results)
             return
@@ -401,14 +422,24 @@ class OpenAIEmulator:
             _check_reply(scripted)
             record.tool_calls = list(scripted)
 
-    def _rest_of_cut_answer(self, record: ChatRequest) -> str | None:
-        """The rest of a cut answer, when the request asks to continue one."""
-        messages = record.messages
+    def _cut_answer(self, messages: Sequence[Mapping[str, Any]]) -> str | None:
+        """The assistant answer ``messages`` ask to continue, if they ask to continue one.
+
+        Only the continuation instruction asks that: a conversation of several
+        turns also has an assistant message before its last user message.
+        """
         if len(messages) < 3 or messages[-1].get("role") != "user" or messages[-2].get("role") != "assistant":
+            return None
+        if _content_text(messages[-1].get("content")).strip() != self.continue_marker.strip():
             return None
         cut = _content_text(messages[-2].get("content"))
         if not cut or messages[-2].get("tool_calls"):
             return None
+        return cut
+
+    def _rest_of_cut_answer(self, record: ChatRequest, cut: str) -> str | None:
+        """The rest of ``cut``: what the conversation before it would get, after it."""
+        messages = record.messages
         earlier = ChatRequest(index=record.index, body={**record.body, "messages": messages[:-2]})
         self.plan_reply(earlier)
         whole = earlier.reply
