@@ -63,7 +63,7 @@ class _Session:
     sample_rate: int
     auto_mode: bool
     contexts: dict[str, _Context] = field(default_factory=dict)
-    speaking: str | None = None  # the context whose audio is being sent
+    speaking: str | None = None  # the context last given text or sending audio
 
 
 class ElevenLabsEmulator(WebsocketEmulator):
@@ -147,6 +147,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
             task = context.synthesizer if context is not None else None
             if task is not None and task is not asyncio.current_task():
                 task.cancel()  # fired by a timer: abandon it here
+
     async def _on_message(self, session: _Session, message: dict[str, object]) -> bool:
         """Handle one client message; True when the client asked to close."""
         state = session.state
@@ -173,7 +174,15 @@ class ElevenLabsEmulator(WebsocketEmulator):
                     if _SENTENCE_END.search(context.buffer):
                         context.jobs.put_nowait(context.buffer)
                         context.buffer = ""
-            await state.text_received()
+            session.speaking = context_id
+            try:
+                await state.text_received()
+            except WorkFailed:
+                # The error answered this message: its context is abandoned.
+                if context is not None:
+                    context.closed = True
+                    if context.synthesizer is not None:
+                        context.synthesizer.cancel()
         if context is not None and (message.get("flush") or message.get("close_context")):
             if context.buffer:
                 context.jobs.put_nowait(context.buffer)
