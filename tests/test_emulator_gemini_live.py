@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
+import time
 from typing import Any
 
 import pytest
+import websockets.asyncio.client
+from google import genai
+from google.genai import errors, types
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
@@ -22,16 +27,21 @@ from pipecat.frames.frames import (
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
 )
+from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService, GeminiVADParams
 from pipecat.services.llm_service import FunctionCallParams
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from pipecat_resilient.testing import Fault, FaultPlan, GeminiLiveEmulator, ToolCall
+from pipecat_resilient.testing import Fault, FaultKind, FaultPlan, GeminiLiveEmulator, ToolCall
 from pipecat_resilient.testing.gemini_live import (
+    CLIENT_CLOSE_TIMEOUT_S,
+    CLIENT_PING_INTERVAL_S,
+    CLIENT_PING_TIMEOUT_S,
     INVALID_ARGUMENT,
     LAST_CHUNK_BEFORE_TURN_COMPLETE,
     PATH,
+    Silent,
 )
 from pipecat_resilient.testing.harness import SessionScenario
 from pipecat_resilient.testing.speech import SpeechDecoder, encode, samples_per_char
@@ -43,6 +53,14 @@ TIMEOUT = 30 * UNIT
 MODEL = "models/gemini-2.5-flash-native-audio-preview-12-2025"
 MODEL_3 = "models/gemini-3.8-live"
 STORY = "Once upon a time there was a socket that never closed."
+# How ResilientLLM asked for a continuation before it seeded the model's own turn.
+ANSWER_AGAIN = (
+    '(The connection dropped while you were answering. The user\'s last message was: "Tell me a story.". '
+    'Of your answer the user heard only: "{heard}". Continue your answer from exactly there, without '
+    "repeating it.)"
+)
+# How long a test waits to be sure that nothing more comes.
+QUIET = 3 * UNIT
 
 
 def words(text: str) -> list[str]:
@@ -64,11 +82,18 @@ class LiveRun(SessionScenario):
                 await asyncio.sleep(UNIT / 20)
 
 
-def stock(emulator: GeminiLiveEmulator, *, model: str = MODEL, **kwargs: Any) -> GeminiLiveLLMService:
-    """The stock service, pointed at ``emulator``."""
+def stock(
+    emulator: GeminiLiveEmulator, *, model: str = MODEL, keepalive: bool = False, **kwargs: Any
+) -> GeminiLiveLLMService:
+    """The stock service, pointed at ``emulator`` (with test keepalive timings when asked)."""
+    options = (
+        emulator.http_options(keepalive=(UNIT, UNIT), close_timeout=UNIT)
+        if keepalive
+        else emulator.http_options()
+    )
     return GeminiLiveLLMService(
         api_key="test-key",
-        http_options=emulator.http_options(),
+        http_options=options,
         settings=GeminiLiveLLMService.Settings(model=model),
         **kwargs,
     )
@@ -168,17 +193,21 @@ async def test_tool_call_round_trips() -> None:
         Fault.close(1011, "Internal error encountered.", after_audio_chunks=3),
         Fault.close(1007, LAST_CHUNK_BEFORE_TURN_COMPLETE, after_audio_chunks=3),
         Fault.abort(after_audio_chunks=3),
+        Fault.stall(after_audio_chunks=3),
     ],
-    ids=["1011", "1007", "abort"],
+    ids=["1011", "1007", "abort", "stall"],
 )
 async def test_drop_mid_reply_resumes_but_leaves_the_reply_open(fault: Fault) -> None:
     """Stock: a drop mid-reply reconnects with the last handle, silently, and never closes the cut reply.
 
     The next reply is glued onto the cut one: no new start frames, a single
-    stop at its end, and one assistant message holding both.
+    stop at its end, and one assistant message holding both. A close or an
+    abort is seen at once; a stall only once the client's keepalive ping
+    timed out (shortened here to a ping every UNIT, answered within UNIT,
+    and UNIT to close).
     """
     async with GeminiLiveEmulator(script={"Tell me a story.": STORY}, plan=FaultPlan(fault)) as emulator:
-        llm = stock(emulator)
+        llm = stock(emulator, keepalive=True)
         async with LiveRun(llm, emulator.samples_per_char()) as run:
             await run.start_conversation("Tell me a story.")
             await emulator.wait_for_connections(2, TIMEOUT)
@@ -189,6 +218,11 @@ async def test_drop_mid_reply_resumes_but_leaves_the_reply_open(fault: Fault) ->
             await run.speak("Are you there?")
             await run.wait_until(lambda: run.listener.responses_ended == 1)
 
+        # A stall costs at least the ping timeout and the close timeout.
+        fault_at = emulator.connections[0].fault_at
+        assert fault_at is not None
+        waited = emulator.connections[1].opened_at - fault_at
+        assert waited >= 2 * UNIT if fault.kind is FaultKind.STALL else waited < 2 * UNIT
         # It resumed with the handle issued before the cut reply began.
         assert emulator.handles_issued(0) == ["handle-1"]
         assert emulator.resumption_handle(1) == "handle-1"
@@ -476,3 +510,418 @@ async def test_faults_on_user_input_and_handshakes() -> None:
             with pytest.raises(InvalidStatus) as refused:
                 await connect(url, ssl=emulator.client_ssl_context, additional_headers=headers)
             assert refused.value.response.status_code == status
+
+
+# -- an unkind model -------------------------------------------------------------
+
+
+async def send_turns(ws: ClientConnection, *turns: tuple[str, str], turn_complete: bool = True) -> None:
+    """Send ``client_content`` with ``(role, text)`` turns, as google-genai words it."""
+    content = [{"role": role, "parts": [{"text": text}]} for role, text in turns]
+    await ws.send(json.dumps({"client_content": {"turns": content, "turnComplete": turn_complete}}))
+
+
+async def receive_for(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
+    """Every message that arrives until none has for ``seconds``."""
+    messages = []
+    while True:
+        try:
+            messages.append(json.loads(await asyncio.wait_for(ws.recv(), seconds)))
+        except TimeoutError:
+            return messages
+
+
+def timeline(messages: list[dict[str, Any]]) -> list[str]:
+    """A reply as ``"A"`` per audio chunk and the text of each output transcription, then its end."""
+    events = []
+    for message in messages:
+        content = message.get("serverContent", {})
+        if "modelTurn" in content:
+            events.append("A")
+        if "outputTranscription" in content:
+            events.append(content["outputTranscription"]["text"])
+        if "turnComplete" in content:
+            events.append("end")
+    return events
+
+
+async def answers_ping(ws: ClientConnection) -> bool:
+    """Whether the server answers a websocket ping (it does while it reads)."""
+    pong = await ws.ping()
+    await asyncio.wait_for(pong, TIMEOUT)
+    return True
+
+
+@pytest.mark.parametrize("form", ["model-turn", "instruction"])
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        ("continue", "there was a socket that never closed."),
+        ("restart", STORY),
+        ("repeat", "upon a time there was a socket that never closed."),
+    ],
+)
+async def test_a_cut_reply_is_continued_as_the_continuation_option_says(
+    form: str, how: str, said: str
+) -> None:
+    """Asked to go on after "Once upon a time", the model says the rest, restarts, or repeats 3 words.
+
+    Asked by seeding its own partial turn (``model-turn``) or by ResilientLLM's
+    instruction; either way the history holds what was sent and no made-up
+    user turn.
+    """
+    heard = "Once upon a time"
+    script = {"Tell me a story.": STORY}
+    # Free text to the model, never parsed, even when worded like an instruction to go on.
+    instruction = {"parts": [{"text": "Tell stories. " + ANSWER_AGAIN.format(heard="Once")}]}
+    async with GeminiLiveEmulator(script=script, continuation=how) as emulator:  # type: ignore[arg-type]
+        ws = await raw_connect(emulator, systemInstruction=instruction)
+        if form == "model-turn":
+            await send_turns(ws, ("user", "Tell me a story."), ("model", heard))
+            sent = [("user", "Tell me a story."), ("model", heard)]
+        else:
+            await send_turns(ws, ("user", ANSWER_AGAIN.format(heard=heard)))
+            sent = [("user", ANSWER_AGAIN.format(heard=heard))]
+        reply = await receive_until(ws, "turnComplete")
+        await ws.close()
+
+    assert transcript_of(reply) == said
+    assert heard_in(reply) == words(said)
+    assert emulator.replies() == [said]
+    assert emulator.history(0) == [*sent, ("model", said)]
+    assert emulator.user_texts() == [text for role, text in sent if role == "user"]
+
+
+async def test_a_model_turn_that_is_not_a_cut_reply_is_not_continued() -> None:
+    """A seed ending with a whole reply, or with words the model never said, is answered afresh."""
+    async with GeminiLiveEmulator(script={"Tell me a story.": STORY}) as emulator:
+        ws = await raw_connect(emulator)
+        await send_turns(ws, ("user", "Tell me a story."), ("model", STORY))
+        whole = await receive_until(ws, "turnComplete")
+        await send_turns(ws, ("user", "Tell me a story."), ("model", "Once upon a midnight dreary"))
+        other = await receive_until(ws, "turnComplete")
+        await ws.close()
+    assert transcript_of(whole) == transcript_of(other) == STORY
+    assert emulator.replies() == [STORY, STORY]
+
+
+@pytest.mark.parametrize(
+    ("model", "how", "said"),
+    [
+        (MODEL_3, "continue", "there was a socket that never closed."),
+        (MODEL_3, "restart", STORY),
+        (MODEL_3, "repeat", "upon a time there was a socket that never closed."),
+        (MODEL, "continue", "there was a socket that never closed."),
+    ],
+)
+async def test_stock_service_seeded_with_the_heard_part_of_a_reply_hears_the_continuation(
+    model: str, how: str, said: str
+) -> None:
+    """A context ending with the assistant's heard words seeds a model turn; the model goes on as told.
+
+    Gemini 2.5 seeds get a blank user turn after the model turn (the stock
+    service's padding): the model looks past it. No user turn the user did not
+    say reaches the history.
+    """
+    heard = "Once upon a time"
+    context = LLMContext(
+        [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": heard}]
+    )
+    script = {"Tell me a story.": STORY}
+    async with GeminiLiveEmulator(script=script, continuation=how) as emulator:  # type: ignore[arg-type]
+        async with LiveRun(stock(emulator, model=model), emulator.samples_per_char(), context=context) as run:
+            await run.start_conversation()
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+
+    assert run.listener.heard == words(said)
+    [seed] = emulator.client_messages("client_content", 0)
+    padding = [{"parts": [{"text": " "}], "role": "user"}] if model == MODEL else []
+    assert seed["turns"] == [
+        {"parts": [{"text": "Tell me a story."}], "role": "user"},
+        {"parts": [{"text": heard}], "role": "model"},
+        *padding,
+    ]
+    assert seed["turnComplete"] is True
+    said_by_user = [text for role, text in emulator.history(0) if role == "user" and text.strip()]
+    assert said_by_user == emulator.user_texts() == ["Tell me a story."]
+    assert emulator.history(0)[-1] == ("model", said)
+    assert run.assistant_texts == [heard, said]
+    assert run.errors == []
+
+
+TIMED = "One two three four five six."  # six chunks of five characters: "One t", "wo th", ...
+
+
+@pytest.mark.parametrize(
+    ("timing", "group", "expected"),
+    [
+        ("with_audio", 2, ["A", "One t", "A", "wo th", "A", "ree f", "A", "our f", "A", "ive s", "A", "ix."]),
+        (
+            "before_audio",
+            2,
+            ["One t", "wo th", "A", "ree f", "A", "our f", "A", "ive s", "A", "ix.", "A", "A"],
+        ),
+        (
+            "after_audio",
+            2,
+            ["A", "A", "One t", "A", "wo th", "A", "ree f", "A", "our f", "A", "ive s", "ix."],
+        ),
+        ("grouped", 2, ["A", "A", "One two", "A", "A", " three four", "A", "A", " five six."]),
+        ("grouped", 4, ["A", "A", "A", "A", "One two three four", "A", "A", " five six."]),
+    ],
+)
+async def test_output_transcription_runs_with_ahead_of_behind_or_in_groups(
+    timing: str, group: int, expected: list[str]
+) -> None:
+    """Transcription goes with, ahead of, behind (skew 1) the audio, or in groups; turnComplete last."""
+    script = {"Count.": TIMED}
+    async with GeminiLiveEmulator(
+        script=script,
+        transcription=timing,  # type: ignore[arg-type]
+        transcription_skew=1,
+        words_per_transcription=group,
+    ) as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "Count."}}))
+        reply = await receive_until(ws, "turnComplete")
+        await ws.close()
+    assert timeline(reply) == [*expected, "end"]
+    assert transcript_of(reply) == TIMED
+    assert heard_in(reply) == words(TIMED)
+
+
+@pytest.mark.parametrize(
+    ("timing", "transcribed"),
+    [
+        ("with_audio", "One two th"),
+        ("before_audio", "One two three four f"),
+        ("after_audio", "One t"),
+        ("grouped", "One two"),
+    ],
+)
+async def test_a_drop_leaves_the_transcription_past_or_short_of_the_audio(
+    timing: str, transcribed: str
+) -> None:
+    """Cut after three chunks ("One two three f" voiced), the transcription received depends on its timing."""
+    plan = FaultPlan(Fault.close(1011, after_audio_chunks=3))
+    async with GeminiLiveEmulator(
+        script={"Count.": TIMED},
+        plan=plan,
+        transcription=timing,  # type: ignore[arg-type]
+        transcription_skew=1,
+        words_per_transcription=2,
+    ) as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "Count."}}))
+        messages = []
+        with pytest.raises(ConnectionClosedError):
+            while True:
+                messages.append(json.loads(await ws.recv()))
+    assert heard_in(messages) == ["One", "two", "three"]
+    assert transcript_of(messages) == transcribed
+    assert emulator.history(0)[-1] == ("model", "One two three f")
+
+
+async def test_silent_replies_send_transcription_without_audio() -> None:
+    """A Silent script entry, and a reply numbered in silent_replies, come as transcription only."""
+    script = {"Hi.": Silent("Hello, can you hear me?")}
+    async with GeminiLiveEmulator(script=script, silent_replies={1}) as emulator:
+        ws = await raw_connect(emulator)
+        replies = []
+        for text in ["Hi.", "Again.", "Last."]:
+            await ws.send(json.dumps({"realtime_input": {"text": text}}))
+            replies.append(await receive_until(ws, "turnComplete"))
+        await ws.close()
+    silent_script, silent_number, spoken = replies
+    assert [transcript_of(reply) for reply in replies] == [
+        "Hello, can you hear me?",
+        "You said: Again.",
+        "You said: Last.",
+    ]
+    for reply in (silent_script, silent_number):
+        assert "A" not in timeline(reply) and timeline(reply)[-1] == "end"
+        assert "generationComplete" in reply[-2]["serverContent"]
+    assert heard_in(spoken) == words("You said: Last.")
+    # The model believes it said all three.
+    assert [text for role, text in emulator.history(0) if role == "model"] == emulator.replies()
+
+
+async def test_stock_service_puts_a_silent_reply_in_the_context_though_nothing_was_heard() -> None:
+    """Stock: a reply with transcription and no audio starts and ends a response, heard by nobody."""
+    async with GeminiLiveEmulator(silent_replies={0}) as emulator:
+        async with LiveRun(stock(emulator), emulator.samples_per_char()) as run:
+            await run.start_conversation("Hello.")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+    assert run.listener.heard == []
+    assert run.listener.kinds() == ["started", "response-start", "stopped", "response-end"]
+    assert run.assistant_texts == ["You said: Hello."]
+    assert run.errors == []
+
+
+@pytest.mark.parametrize("chunks", [2, 99], ids=["mid-audio", "before-turn-complete"])
+async def test_a_quiet_reply_stops_without_closing_until_new_input_interrupts_it(chunks: int) -> None:
+    """A reply in quiet_replies stops after N chunks, socket open and pinging; new input interrupts it."""
+    async with GeminiLiveEmulator(script={"Tell me a story.": STORY}, quiet_replies={0: chunks}) as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "Tell me a story."}}))
+        cut = await receive_for(ws, QUIET)
+        assert await answers_ping(ws)
+        await ws.send(json.dumps({"realtime_input": {"text": "Are you there?"}}))
+        after = await receive_until(ws, "turnComplete")
+        await ws.close()
+
+    voiced = STORY[: 5 * chunks]
+    chunked = [event for start in range(0, len(voiced), 5) for event in ("A", voiced[start : start + 5])]
+    assert timeline(cut) == chunked  # no turnComplete
+    assert not any("generationComplete" in m.get("serverContent", {}) for m in cut)
+    assert after[0] == {"serverContent": {"interrupted": True}}
+    assert heard_in(after) == words("You said: Are you there.")
+    assert emulator.replies() == [STORY, "You said: Are you there."]
+    assert ("model", voiced) in emulator.history(0)
+
+
+async def test_a_muted_session_reads_and_answers_pings_but_never_replies() -> None:
+    """After its one reply the session is mute: input is recorded, never answered; unmute ends that."""
+    async with GeminiLiveEmulator(mute_after_replies={0: 1}) as emulator:
+        ws = await raw_connect(emulator, sessionResumption={})
+        await ws.send(json.dumps({"realtime_input": {"text": "One."}}))
+        first = await receive_until(ws, "turnComplete")
+        await ws.send(json.dumps({"realtime_input": {"text": "Two."}}))
+        # The handle that closed the first reply, then nothing.
+        assert await receive_for(ws, QUIET) == [
+            {"sessionResumptionUpdate": {"newHandle": "handle-2", "resumable": True}}
+        ]
+        assert await answers_ping(ws)
+        assert emulator.user_texts() == ["One.", "Two."]
+        emulator.unmute()
+        await ws.send(json.dumps({"realtime_input": {"text": "Three."}}))
+        third = await receive_until(ws, "turnComplete")
+        await ws.close()
+    assert transcript_of(first) == "You said: One."
+    assert transcript_of(third) == "You said: Three."
+    assert emulator.replies() == ["You said: One.", "You said: Three."]
+    assert ("user", "Two.") in emulator.history(0)
+
+
+async def test_mute_stops_a_reply_mid_turn_with_the_socket_open() -> None:
+    """mute() mid-reply: no more chunks, no turnComplete, no interrupted; pings still answered."""
+    async with GeminiLiveEmulator(script={"Tell me a story.": STORY}, realtime=True) as emulator:
+        ws = await raw_connect(emulator)
+        await ws.send(json.dumps({"realtime_input": {"text": "Tell me a story."}}))
+        await receive_until(ws, "modelTurn")
+        emulator.mute()
+        await ws.send(json.dumps({"realtime_input": {"text": "Hello?"}}))
+        after = await receive_for(ws, QUIET)
+        assert await answers_ping(ws)
+        await ws.close()
+    assert len([event for event in timeline(after) if event == "A"]) <= 1
+    assert "end" not in timeline(after)
+    assert not any("interrupted" in m.get("serverContent", {}) for m in after)
+    assert emulator.user_texts() == ["Tell me a story.", "Hello?"]
+    assert emulator.replies() == [STORY]
+
+
+async def test_stock_service_waits_forever_on_a_mute_session() -> None:
+    """Stock: a session that stops answering is never noticed: no error, no reconnect, no reply."""
+    async with GeminiLiveEmulator(mute_after_replies={0: 1}) as emulator:
+        async with LiveRun(stock(emulator, keepalive=True), emulator.samples_per_char()) as run:
+            await run.start_conversation("Hello.")
+            await run.wait_until(lambda: run.listener.responses_ended == 1)
+            await run.wait_ready()
+            await run.send(InputTextRawFrame("Are you there?"))
+            await emulator.wait_until(lambda: "Are you there?" in emulator.user_texts())
+            # Long enough for an unanswered ping to end the connection (UNIT
+            # to ping, UNIT for the pong, UNIT to close): pings are answered.
+            await asyncio.sleep(4 * UNIT)
+    assert run.listener.heard == words("You said: Hello.")
+    assert len(emulator.connections) == 1
+    assert run.errors == []
+
+
+async def test_error_faults_are_refused_at_plan_time() -> None:
+    """The Live API has no error message: an ERROR fault in a plan, armed or injected raises ValueError."""
+    with pytest.raises(ValueError, match="no error message"):
+        GeminiLiveEmulator(plan=FaultPlan(Fault.error()))
+    late = GeminiLiveEmulator()
+    late.plan.add(Fault.error(connection=1))
+    with pytest.raises(ValueError, match="Fault.close"):
+        await late.start()
+    async with GeminiLiveEmulator() as emulator:
+        ws = await raw_connect(emulator)
+        with pytest.raises(ValueError, match="no error message"):
+            emulator.arm(Fault.error(after_text_messages=1))
+        with pytest.raises(ValueError, match="no error message"):
+            await emulator.inject(Fault.error())
+        await ws.send(json.dumps({"realtime_input": {"text": "Still here?"}}))
+        assert transcript_of(await receive_until(ws, "turnComplete")) == "You said: Still here."
+        await ws.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"continuation": "resume"},
+        {"transcription": "late"},
+        {"transcription": "grouped", "bundle_transcription": True},
+        {"words_per_transcription": 0},
+        {"repeat_words": -1},
+        {"quiet_replies": {0: -1}},
+        {"mute_after_replies": {-1: 0}},
+    ],
+)
+def test_options_out_of_range_are_refused(options: dict[str, Any]) -> None:
+    """An unknown mode, a bundle with another timing, or a negative count raises ValueError."""
+    with pytest.raises(ValueError):
+        GeminiLiveEmulator(**options)
+
+
+def test_documented_client_keepalive_is_websockets_default() -> None:
+    """google-genai passes no keepalive arguments, so websockets' defaults are the documented timings."""
+    parameters = inspect.signature(websockets.asyncio.client.connect).parameters
+    assert parameters["ping_interval"].default == CLIENT_PING_INTERVAL_S
+    assert parameters["ping_timeout"].default == CLIENT_PING_TIMEOUT_S
+    assert parameters["close_timeout"].default == CLIENT_CLOSE_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "received", "sent"),
+    [
+        (Fault.close(1011, "Internal error encountered.", after_audio_chunks=2), 1011, 1011, 1011),
+        (Fault.stall(after_audio_chunks=2), 1006, None, 1011),
+        (Fault.abort(after_audio_chunks=2), 1006, None, None),
+    ],
+    ids=["1011", "stall", "abort"],
+)
+async def test_google_genai_tells_a_server_close_from_its_own_keepalive_timeout(
+    fault: Fault, code: int, received: int | None, sent: int | None
+) -> None:
+    """A 1011 close is APIError 1011 at once; a stall is APIError 1006 once the keepalive ping timed out.
+
+    The APIError's context tells a stall from an abort: the client sent a
+    1011 "keepalive ping timeout" close, and received none.
+    """
+    async with GeminiLiveEmulator(plan=FaultPlan(fault)) as emulator:
+        options = emulator.http_options(keepalive=(UNIT, UNIT), close_timeout=UNIT)
+        client = genai.Client(api_key="k", http_options=options)
+        config = types.LiveConnectConfig(response_modalities=[types.Modality.AUDIO])
+        with pytest.raises(errors.APIError) as raised:
+            async with client.aio.live.connect(model=MODEL, config=config) as session:
+                turn = types.Content(role="user", parts=[types.Part(text="Tell me a story.")])
+                await session.send_client_content(turns=turn, turn_complete=True)
+                async with asyncio.timeout(TIMEOUT):
+                    async for _ in session.receive():
+                        pass
+        raised_at = time.monotonic()
+
+    assert raised.value.code == code
+    closed = raised.value.__context__
+    assert isinstance(closed, ConnectionClosedError)
+    assert (closed.rcvd.code if closed.rcvd else None) == received
+    assert (closed.sent.code if closed.sent else None) == sent
+    if fault.kind is FaultKind.STALL:
+        assert closed.sent is not None and closed.sent.reason == "keepalive ping timeout"
+    fault_at = emulator.connections[0].fault_at
+    assert fault_at is not None
+    # A stall waits out the ping timeout and the close timeout; the others are seen at once.
+    waited = raised_at - fault_at
+    assert waited >= 2 * UNIT if fault.kind is FaultKind.STALL else waited < 2 * UNIT

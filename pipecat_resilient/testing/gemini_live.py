@@ -29,12 +29,29 @@ header ``x-goog-api-key``), as google-genai 2.34 and Pipecat 1.14 speak it:
 The model:
 
 * Answers each user input with the reply its ``script`` gives for the input's
-  text (stripped), by default ``"You said: <text>."``. An input asking to
-  answer again after a drop, as :class:`~pipecat_resilient.llm.ResilientLLM`
-  words it (``... last message was: "Q". Of your answer the user heard only:
-  "H". ...``), gets the rest of Q's reply after the words of H. Blank input (the stock
+  text (stripped), by default ``"You said: <text>."``. Blank input (the stock
   service's ``realtime_input{text: " "}`` nudge, a blank seed turn) gets no
-  reply unless the script maps ``""``.
+  reply unless the script maps ``""``. A ``systemInstruction`` is recorded
+  with the setup and not read.
+* Asked to go on with a reply that a drop cut short, it does what
+  ``continuation`` says, as real models variously do: ``"continue"`` (the
+  default) says the rest of the reply after the words heard, ``"restart"``
+  the whole reply again, ``"repeat"`` the last ``repeat_words`` heard words
+  again, then the rest. It is asked in one of two ways:
+
+  - by a ``client_content`` whose ``turnComplete`` is true, when the
+    conversation (the session's history, then the content's turns) ends with
+    a model turn whose words are a proper prefix of the scripted reply to the
+    last non-blank user turn: the caller's record of what it heard of the
+    model's own turn. Trailing blank user turns are passed over (the stock
+    service pads a Gemini 2.5 seed that ends with a model turn with one). The
+    turns go into the history as sent, and no user turn is made up. A model
+    turn that is no such prefix (a whole reply, other words) is not
+    continued: the content is answered as any other;
+  - by a user input worded as :class:`~pipecat_resilient.llm.ResilientLLM`
+    words it (``... last message was: "Q". Of your answer the user heard
+    only: "H". ...``): the continuation of Q's reply after the words of H
+    (the whole reply when H is missing).
 * User input is a ``client_content`` whose ``turnComplete`` is true (its last
   user turn, or the last one sent before it), a non-blank realtime ``text``,
   or an audio utterance. Audio is decoded as speech code: an utterance ends at
@@ -65,6 +82,70 @@ The model:
   with 1007 :data:`INVALID_ARGUMENT`, as the real service does (Pipecat PR
   #2341).
 
+How it fails without closing the socket, as users of the real service report:
+
+* Output transcription need not match the audio chunk for chunk
+  (``transcription``): ``"with_audio"`` (the default) sends each audio
+  chunk's transcription right after it (in the same message with
+  ``bundle_transcription``); ``"before_audio"`` sends it
+  ``transcription_skew`` chunks ahead of its audio (Vertex AI does this,
+  says the stock service); ``"after_audio"`` ``transcription_skew`` chunks
+  behind it; ``"grouped"`` sends ``words_per_transcription`` words at a time,
+  each group once the audio of its last word went out. The pieces always add
+  up to the reply's text, and ``generationComplete`` and ``turnComplete``
+  follow all of the audio and all of the transcription. A fault that cuts a
+  reply loses whatever was not sent yet, so a drop leaves a transcription
+  that runs past, or stops short of, what was heard.
+* A reply may come as output transcription with no audio at all, as about
+  6.5 % of real replies do: a script entry wrapped in :class:`Silent` (every
+  answer to that input, continuations included), or the replies numbered in
+  ``silent_replies``. The turn ends as usual, and the history holds the reply
+  as if it had been spoken.
+* A reply numbered in ``quiet_replies`` goes quiet after the given number of
+  audio chunks (and the transcription due by then): nothing more comes for
+  it, no ``turnComplete`` either, and the socket stays open. New input
+  interrupts it as it would any reply (``interrupted``) and is answered; the
+  history keeps what it got to say.
+* A muted session (:meth:`GeminiLiveEmulator.mute`, or ``mute_after_replies``
+  ``{connection: replies}``) stops answering with the socket open: it still
+  reads, records and counts client messages (faults trigger on them), and
+  the websocket still answers pings, but nothing at all is sent (no reply,
+  transcription, tool call, handle or ``interrupted``); a reply in progress
+  stops where it is. Input that arrives while muted is never answered;
+  :meth:`GeminiLiveEmulator.unmute` has later input answered again.
+
+Replies are numbered from 0 in the order the model begins them, over all
+connections: each answer spoken (or sent silent), cut ones included; a tool
+call is not a reply, the answer after its response is.
+:meth:`GeminiLiveEmulator.replies` lists their texts.
+
+The Live API has no in-band error message: google-genai's
+``LiveServerMessage`` has ``setupComplete``, ``serverContent``,
+``toolCall``, ``toolCallCancellation``, ``usageMetadata``, ``goAway``,
+``sessionResumptionUpdate``, ``voiceActivityDetectionSignal`` and
+``voiceActivity``, and no error (nor does ``BidiGenerateContentServerMessage``
+in the API reference); the service reports errors by closing the socket
+(1007, 1008, 1011). So this emulator does not support ERROR faults: one in
+the plan raises ``ValueError`` when the emulator is created or started, as
+does arming or injecting one. Plan a ``Fault.close(...)`` instead.
+
+A 1011 close from the server and a stall tell apart on the client. A STALL
+fault leaves the socket half-open: the emulator reads nothing, so it answers
+no ping. google-genai 2.34 connects with websockets' keepalive defaults
+(:data:`CLIENT_PING_INTERVAL_S`, :data:`CLIENT_PING_TIMEOUT_S`,
+:data:`CLIENT_CLOSE_TIMEOUT_S`; it passes none of its own, nor does the stock
+service): the client pings within 20 s of the stall, gives up 20 s later
+with ``keepalive ping timeout`` (it sends a 1011 close frame and receives
+none), waits 10 s for a TCP close that never comes, and drops the
+connection. Its receive then raises ``APIError`` 1006 ("abnormal closure"),
+30 to 50 s after the stall, and the stock service reconnects. A 1011 close
+raises ``APIError`` 1011 at once, an abort ``APIError`` 1006 at once. The
+``APIError``'s ``__context__`` is websockets' ``ConnectionClosedError``:
+``rcvd.code`` 1011 for the server's close; ``rcvd`` None and ``sent`` 1011
+``"keepalive ping timeout"`` for a stall; both None for an abort.
+``http_options(keepalive=..., close_timeout=...)`` shortens the client's
+timings for tests.
+
 Fault triggers: ``after_audio_chunks`` counts ``modelTurn`` messages (one per
 audio chunk); ``after_text_messages`` counts user inputs: each
 ``client_content``, each realtime ``text`` (blank nudges included), each
@@ -93,6 +174,10 @@ Protocol facts checked on 127.0.0.1 against the stock service, google-genai
   ``HttpOptions.async_client_args["ssl"]`` (``_ensure_websocket_ssl_ctx``)
   and leaves the ``ssl`` key out of the args it gives httpx, so one dict
   serves every client it builds.
+  It also hands the websocket every other key of that dict that websockets'
+  ``connect()`` takes (``ping_interval``, ``ping_timeout``,
+  ``close_timeout``), and drops those keys from the args of httpx and
+  aiohttp.
 * ``connect()`` waits for the first server message before it yields the
   session. A parsed server message with none of the known top-level keys
   raises ``APIError`` in ``_receive``: an emulator must never send an empty or
@@ -133,9 +218,9 @@ import re
 import ssl
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from loguru import logger
 from websockets.asyncio.server import ServerConnection
@@ -143,19 +228,25 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, _Faulted
-from pipecat_resilient.testing.faults import Fault, FaultPlan
+from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
 from pipecat_resilient.testing.speech import MESSAGE_END, SpeechDecoder, encode, samples_per_char
 
 if TYPE_CHECKING:
     from google.genai.types import HttpOptions
 
 __all__ = [
+    "CLIENT_CLOSE_TIMEOUT_S",
+    "CLIENT_PING_INTERVAL_S",
+    "CLIENT_PING_TIMEOUT_S",
     "GO_AWAY_EXPIRED",
     "INVALID_ARGUMENT",
     "LAST_CHUNK_BEFORE_TURN_COMPLETE",
     "PATH",
+    "Continuation",
     "GeminiLiveEmulator",
+    "Silent",
     "ToolCall",
+    "TranscriptionTiming",
 ]
 
 PATH = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
@@ -175,6 +266,21 @@ GO_AWAY_EXPIRED = (
 )
 """The reason of the real service's 1008 close once a GoAway's time is up (shortened to fit)."""
 
+CLIENT_PING_INTERVAL_S = 20.0
+"""Seconds between google-genai's keepalive pings (websockets' default; google-genai sets none)."""
+
+CLIENT_PING_TIMEOUT_S = 20.0
+"""Seconds google-genai waits for a pong before it fails the connection (websockets' default)."""
+
+CLIENT_CLOSE_TIMEOUT_S = 10.0
+"""Seconds google-genai then waits for the server to close TCP before dropping it (websockets' default)."""
+
+Continuation = Literal["continue", "restart", "repeat"]
+"""How the model goes on with a cut reply: the rest, all of it again, or the last heard words again."""
+
+TranscriptionTiming = Literal["with_audio", "before_audio", "after_audio", "grouped"]
+"""When output transcription goes out, relative to the audio it covers."""
+
 OUTPUT_SAMPLE_RATE = 24000  # Hz; Gemini Live always answers with 24 kHz PCM.
 INPUT_SAMPLE_RATE = 16000  # Hz; assumed when an audio mimeType names no rate.
 _CLOSE_REASON_BYTES = 123  # RFC 6455 5.5: control frame payload <= 125, minus the code.
@@ -183,6 +289,14 @@ _CLOSE_REASON_BYTES = 123  # RFC 6455 5.5: control frame payload <= 125, minus t
 _CLIENT_KINDS = frozenset({"setup", "client_content", "realtime_input", "tool_response"})
 _REALTIME_FIELDS = frozenset(
     {"text", "audio", "video", "media_chunks", "activity_start", "activity_end", "audio_stream_end"}
+)
+_CONTINUATIONS = ("continue", "restart", "repeat")
+_TIMINGS = ("with_audio", "before_audio", "after_audio", "grouped")
+_WORD = re.compile(r"\s*\S+")
+_NO_ERROR_MESSAGE = (
+    "GeminiLiveEmulator cannot carry out an ERROR fault: the Live API has no error message "
+    "(google-genai's LiveServerMessage has none); the real service reports errors by closing "
+    "the socket, so plan Fault.close(1011, ...) or Fault.close(1007, ...) instead"
 )
 _CAMEL_HUMP = re.compile(r"(?<!^)(?=[A-Z])")
 _RATE = re.compile(r"rate=(\d+)")
@@ -216,7 +330,23 @@ class ToolCall:
         return f"The {self.name} result is {values or 'empty'}."
 
 
-Reply = str | ToolCall
+@dataclass(frozen=True, slots=True)
+class Silent:
+    """A scripted reply the model transcribes but never voices.
+
+    The model sends the reply's ``outputTranscription`` with no audio at all,
+    then ends its turn as usual, as real Gemini Live does for about 6.5 % of
+    replies. Every answer to the input is silent, continuations included; to
+    silence one reply only, use the emulator's ``silent_replies``.
+
+    Parameters:
+        text: The reply's words.
+    """
+
+    text: str
+
+
+Reply = str | Silent | ToolCall
 Script = Mapping[str, Reply] | Callable[[str], Reply | None]
 
 
@@ -252,6 +382,8 @@ class _Connection:
     sent: list[dict[str, Any]] = field(default_factory=list)
     go_away_at: float | None = None
     timers: list[asyncio.Task[None]] = field(default_factory=list)
+    muted: bool = False
+    replies_done: int = 0
 
     @property
     def index(self) -> int:
@@ -307,15 +439,36 @@ _CONTINUE = re.compile(
 )
 
 
-def _rest_after(reply: str, heard: str) -> str:
-    """The words of ``reply`` after the whole words of it that were heard."""
-    words, heard_words = reply.split(), heard.split()
+def _words_heard(reply: list[str], heard: list[str]) -> int:
+    """How many of the reply's first words were heard, up to the first that differs."""
     count = 0
-    for spoken, word in zip(heard_words, words, strict=False):
+    for spoken, word in zip(heard, reply, strict=False):
         if spoken != word:
             break
         count += 1
-    return " ".join(words[count:])
+    return count
+
+
+def _go_on(reply: Reply, heard: str, how: Continuation, repeat_words: int) -> Reply:
+    """What the model says when asked to go on with ``reply`` after the user heard ``heard``.
+
+    ``"continue"``: the words after those heard; ``"restart"``: all of them;
+    ``"repeat"``: the last ``repeat_words`` heard, then the rest. A tool call
+    is made again.
+    """
+    if isinstance(reply, ToolCall):
+        return reply
+    words = (reply.text if isinstance(reply, Silent) else reply).split()
+    count = _words_heard(words, heard.split())
+    start = {"continue": count, "restart": 0, "repeat": max(0, count - repeat_words)}[how]
+    text = " ".join(words[start:])
+    return Silent(text) if isinstance(reply, Silent) else text
+
+
+async def _forever() -> NoReturn:
+    """Wait until cancelled: a reply that went quiet, or a muted model."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("unreachable")
 
 
 class GeminiLiveEmulator(WebsocketEmulator):
@@ -333,7 +486,7 @@ class GeminiLiveEmulator(WebsocketEmulator):
         api_key: Required ``x-goog-api-key`` (HTTP 401 otherwise); any key when None.
         script: The model's replies by user text (stripped), or a callable of
             the text returning a reply, or None for the default echo; a reply
-            is a text to speak or a :class:`ToolCall`.
+            is a text to speak, a :class:`Silent` text or a :class:`ToolCall`.
         ms_per_char: Duration of the reply audio for one character.
         chars_per_chunk: Characters per audio message (chunks may split words).
         input_ms_per_char: Duration of one character of the user's
@@ -345,6 +498,22 @@ class GeminiLiveEmulator(WebsocketEmulator):
             same ``serverContent`` as its audio; when False, in a message of its
             own right after the audio (so a fault after N audio chunks leaves
             the Nth chunk untranscribed, as a lagging transcription would).
+            Only with ``transcription="with_audio"``.
+        continuation: How the model goes on with a cut reply it is asked to
+            continue: ``"continue"``, ``"restart"`` or ``"repeat"``.
+        repeat_words: How many heard words ``"repeat"`` says again.
+        transcription: When output transcription goes out relative to the
+            audio: ``"with_audio"``, ``"before_audio"``, ``"after_audio"`` or
+            ``"grouped"``.
+        transcription_skew: Audio chunks by which the transcription runs ahead
+            of (``"before_audio"``) or behind (``"after_audio"``) its audio.
+        words_per_transcription: Words per transcription message (``"grouped"``).
+        silent_replies: Numbers of the replies sent as transcription only,
+            with no audio.
+        quiet_replies: ``{reply number: audio chunks}``: the reply goes quiet
+            after that many chunks, with the socket left open.
+        mute_after_replies: ``{connection: replies}``: the connection goes
+            mute once it has finished that many replies (0: from the start).
         refuse_resumption: Refuse every setup that carries a handle.
         resumption_refusal: ``(code, reason)`` of the close that refuses one.
         go_away_close: ``(code, reason)`` of the close once a GoAway's time is
@@ -370,8 +539,36 @@ class GeminiLiveEmulator(WebsocketEmulator):
         refuse_resumption: bool = False,
         resumption_refusal: tuple[int, str] = (1007, INVALID_ARGUMENT),
         go_away_close: tuple[int, str] | None = (1008, GO_AWAY_EXPIRED),
+        continuation: Continuation = "continue",
+        repeat_words: int = 3,
+        transcription: TranscriptionTiming = "with_audio",
+        transcription_skew: int = 2,
+        words_per_transcription: int = 3,
+        silent_replies: Collection[int] = (),
+        quiet_replies: Mapping[int, int] | None = None,
+        mute_after_replies: Mapping[int, int] | None = None,
     ) -> None:
-        """Create a stopped emulator."""
+        """Create a stopped emulator.
+
+        Raises:
+            ValueError: For an option out of range, or an ERROR fault in the plan.
+        """
+        self._check_faults(plan or ())
+        if continuation not in _CONTINUATIONS:
+            raise ValueError(f"continuation must be one of {', '.join(_CONTINUATIONS)}")
+        if transcription not in _TIMINGS:
+            raise ValueError(f"transcription must be one of {', '.join(_TIMINGS)}")
+        if bundle_transcription and transcription != "with_audio":
+            raise ValueError('bundle_transcription needs transcription="with_audio"')
+        if repeat_words < 0 or transcription_skew < 0:
+            raise ValueError("repeat_words and transcription_skew must not be negative")
+        if words_per_transcription < 1:
+            raise ValueError("words_per_transcription must be at least 1")
+        numbers = list(silent_replies)
+        for mapping in (quiet_replies or {}, mute_after_replies or {}):
+            numbers += [*mapping.keys(), *mapping.values()]
+        if any(number < 0 for number in numbers):
+            raise ValueError("reply numbers, connections and counts must not be negative")
         if chars_per_chunk < 1:
             raise ValueError("chars_per_chunk must be at least 1")
         if ms_per_char <= 0 or input_ms_per_char <= 0:
@@ -390,6 +587,15 @@ class GeminiLiveEmulator(WebsocketEmulator):
         self.refuse_resumption = refuse_resumption
         self.resumption_refusal = resumption_refusal
         self.go_away_close = go_away_close
+        self.continuation: Continuation = continuation
+        self.repeat_words = repeat_words
+        self.transcription: TranscriptionTiming = transcription
+        self.transcription_skew = transcription_skew
+        self.words_per_transcription = words_per_transcription
+        self.silent_replies = frozenset(silent_replies)
+        self.quiet_replies = dict(quiet_replies or {})
+        self.mute_after_replies = dict(mute_after_replies or {})
+        self._reply_log: list[tuple[int, str]] = []
         self.client_ssl_context: ssl.SSLContext | None = None
         self._links: dict[int, _Connection] = {}
         self._handles: dict[str, tuple[tuple[str, str], ...]] = {}
@@ -402,7 +608,12 @@ class GeminiLiveEmulator(WebsocketEmulator):
     # -- lifecycle and client configuration ---------------------------------
 
     async def start(self) -> GeminiLiveEmulator:
-        """Make a certificate for 127.0.0.1, then listen on an ephemeral port."""
+        """Make a certificate for 127.0.0.1, then listen on an ephemeral port.
+
+        Raises:
+            ValueError: If an ERROR fault was added to the plan (not supported).
+        """
+        self._check_faults(self.plan)
         if self._ssl is None:
             self._ssl, self.client_ssl_context = _certificate()
         await super().start()
@@ -416,12 +627,22 @@ class GeminiLiveEmulator(WebsocketEmulator):
         """``https://127.0.0.1:PORT``; google-genai turns it into ``wss://``."""
         return f"https://127.0.0.1:{self.port}"
 
-    def http_options(self) -> HttpOptions:
+    def http_options(
+        self, *, keepalive: tuple[float, float] | None = None, close_timeout: float | None = None
+    ) -> HttpOptions:
         """What to pass as the stock service's ``http_options=`` (a new object each call).
 
+        Args:
+            keepalive: ``(ping_interval, ping_timeout)`` for the client's
+                websocket, in seconds, instead of google-genai's 20 s and 20 s;
+                short ones let a test see a stall detected quickly.
+            close_timeout: How long the client waits for the server to close
+                TCP after it closed the websocket (10 s by default).
+
         Returns:
-            ``HttpOptions(base_url=..., async_client_args={"ssl": ctx})``, where
-            ``ctx`` trusts this emulator's certificate.
+            ``HttpOptions(base_url=..., async_client_args={"ssl": ctx, ...})``,
+            where ``ctx`` trusts this emulator's certificate; google-genai
+            hands the keepalive settings to websockets' ``connect()``.
 
         Raises:
             RuntimeError: If the emulator is not running.
@@ -430,7 +651,12 @@ class GeminiLiveEmulator(WebsocketEmulator):
 
         if self.client_ssl_context is None:
             raise RuntimeError(f"{self.name} is not running")
-        return HttpOptions(base_url=self.base_url, async_client_args={"ssl": self.client_ssl_context})
+        args: dict[str, Any] = {"ssl": self.client_ssl_context}
+        if keepalive is not None:
+            args["ping_interval"], args["ping_timeout"] = keepalive
+        if close_timeout is not None:
+            args["close_timeout"] = close_timeout
+        return HttpOptions(base_url=self.base_url, async_client_args=args)
 
     def samples_per_char(self, sample_rate: int = OUTPUT_SAMPLE_RATE) -> int:
         """Samples per character of the reply audio at ``sample_rate`` (what a decoder needs)."""
@@ -439,6 +665,57 @@ class GeminiLiveEmulator(WebsocketEmulator):
     def expire_handles(self) -> None:
         """Forget every handle issued so far, so resuming with one is refused."""
         self._handles.clear()
+
+    def mute(self, connection: int = -1) -> None:
+        """Make a connection's session stop answering, with its socket left open.
+
+        It still reads and records client messages and answers pings, but
+        sends nothing; a reply in progress stops where it is.
+
+        Args:
+            connection: The connection's index (negative counts from the last).
+
+        Raises:
+            RuntimeError: If the connection has no session (no setup yet, or refused).
+        """
+        self._session_of(connection).muted = True
+
+    def unmute(self, connection: int = -1) -> None:
+        """Have a muted connection answer input again (what came while muted stays unanswered)."""
+        self._session_of(connection).muted = False
+
+    def arm(self, fault: Fault, *, on: str = "current") -> None:
+        """Plan ``fault`` while running (see the base class); ERROR faults are refused.
+
+        Raises:
+            ValueError: For an ERROR fault: the Live API has no error message.
+        """
+        self._check_faults([fault])
+        super().arm(fault, on=on)
+
+    async def inject(self, fault: Fault, connection: int | None = None) -> None:
+        """Carry out ``fault`` now (see the base class); ERROR faults are refused.
+
+        Raises:
+            ValueError: For an ERROR fault: the Live API has no error message.
+        """
+        self._check_faults([fault])
+        await super().inject(fault, connection)
+
+    async def send_error(self, state: ConnectionState, fault: Fault) -> None:
+        """Not supported: the Live API has no error message (reached only by a fault added late)."""
+        raise NotImplementedError(_NO_ERROR_MESSAGE)
+
+    @staticmethod
+    def _check_faults(faults: Iterable[Fault]) -> None:
+        if any(fault.kind is FaultKind.ERROR for fault in faults):
+            raise ValueError(_NO_ERROR_MESSAGE)
+
+    def _session_of(self, connection: int) -> _Connection:
+        link = self._links.get(self.connections[connection].index)
+        if link is None:
+            raise RuntimeError(f"{self.name}: connection {connection} has no session")
+        return link
 
     # -- what happened, for tests -------------------------------------------
 
@@ -519,6 +796,15 @@ class GeminiLiveEmulator(WebsocketEmulator):
         link = self._links.get(self.connections[connection].index)
         return list(link.history) if link else []
 
+    def replies(self, connection: int | None = None) -> list[str]:
+        """The texts of the replies the model began, in order, on one connection or all.
+
+        Each is the whole text the model set out to say (a continuation's
+        text is what it said after the drop), whether or not it got to say it.
+        """
+        wanted = None if connection is None else self.connections[connection].index
+        return [text for index, text in self._reply_log if wanted is None or index == wanted]
+
     def go_away_sent_at(self, connection: int = -1) -> float | None:
         """``time.monotonic()`` when a GoAway was sent on a connection, if one was."""
         link = self._links.get(self.connections[connection].index)
@@ -598,6 +884,8 @@ class GeminiLiveEmulator(WebsocketEmulator):
             await self._issue_handle(link)
         for fault in self._early_go_aways.pop(state.record.index, []):
             await self.send_go_away(state, fault)
+        if self.mute_after_replies.get(state.record.index) == 0:
+            link.muted = True
         return link
 
     async def _reject(self, state: ConnectionState, code: int, reason: str) -> None:
@@ -637,7 +925,15 @@ class GeminiLiveEmulator(WebsocketEmulator):
                 if text.strip():
                     link.state.record.texts.append(("client_content", text))
         await link.state.text_received()
-        if _field(body, "turn_complete") and link.prompt is not None:
+        if not _field(body, "turn_complete"):
+            return
+        asked = self._continuation_asked(link.history)
+        if asked is not None:
+            # The caller seeded what it heard of the model's own cut turn.
+            question, reply = asked
+            link.prompt = None
+            await self._respond(link, reply, prompt=question)
+        elif link.prompt is not None:
             prompt, link.prompt = link.prompt, None
             await self._answer(link, prompt)
 
@@ -719,7 +1015,8 @@ class GeminiLiveEmulator(WebsocketEmulator):
             response = entry.get("response")
             text = pending.call.reply_to(response if isinstance(response, dict) else {"value": response})
             link.history.append(("tool", json.dumps(response, sort_keys=True)))
-            self._speak_after(link, text, prompt=json.dumps(response))
+            if not link.muted:
+                self._speak_after(link, text, prompt=json.dumps(response))
 
     # -- the model -----------------------------------------------------------
 
@@ -727,12 +1024,12 @@ class GeminiLiveEmulator(WebsocketEmulator):
         key = text.strip()
         asked = _CONTINUE.search(key)
         if asked is not None:
-            # Asked to answer again after a drop (as ResilientLLM asks): the
-            # rest of the answer to the user's last message, after what was heard.
+            # Asked to answer again after a drop (as ResilientLLM asks): go on
+            # with the answer to the user's last message, after what was heard.
             original = self._reply_for(asked.group("question"))
-            if isinstance(original, str):
-                return _rest_after(original, asked.group("heard") or "")
-            return original
+            if original is None:
+                return None
+            return _go_on(original, asked.group("heard") or "", self.continuation, self.repeat_words)
         if callable(self.script):
             reply = self.script(key)
         elif self.script is not None:
@@ -743,16 +1040,42 @@ class GeminiLiveEmulator(WebsocketEmulator):
             reply = _echo(key)
         return reply
 
+    def _continuation_asked(self, history: list[tuple[str, str]]) -> tuple[str, Reply] | None:
+        """``(question, what to say)`` when the conversation ends with a cut model turn, else None.
+
+        The conversation must end (blank user turns aside) with a model turn
+        whose words are a proper prefix of the scripted reply to the last
+        non-blank user turn.
+        """
+        turns = list(history)
+        while turns and turns[-1][0] == "user" and not turns[-1][1].strip():
+            turns.pop()  # the stock service's padding of a 2.5 seed
+        if not turns or turns[-1][0] != "model":
+            return None
+        heard = turns[-1][1].split()
+        question = next((text for role, text in reversed(turns) if role == "user" and text.strip()), None)
+        reply = self._reply_for(question) if question is not None else None
+        if question is None or reply is None or isinstance(reply, ToolCall):
+            return None
+        words = (reply.text if isinstance(reply, Silent) else reply).split()
+        if len(heard) >= len(words) or words[: len(heard)] != heard:
+            return None
+        return question, _go_on(reply, " ".join(heard), self.continuation, self.repeat_words)
+
     async def _answer(self, link: _Connection, text: str) -> None:
         """Answer a user input: interrupt any reply, then speak or call a tool."""
         reply = self._reply_for(text)
-        if reply is None:
-            return
+        if reply is not None:
+            await self._respond(link, reply, prompt=text)
+
+    async def _respond(self, link: _Connection, reply: Reply, *, prompt: str) -> None:
+        if link.muted:
+            return  # the input is recorded, and never answered
         await self._interrupt(link)
         if isinstance(reply, ToolCall):
             await self._call_tool(link, reply)
         else:
-            self._speak_after(link, reply, prompt=text)
+            self._speak_after(link, reply, prompt=prompt)
 
     async def _call_tool(self, link: _Connection, call: ToolCall) -> None:
         call_id = f"function-call-{next(self._call_numbers)}"
@@ -779,61 +1102,121 @@ class GeminiLiveEmulator(WebsocketEmulator):
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._send(link, {"serverContent": {"interrupted": True}})
 
-    def _speak_after(self, link: _Connection, text: str, *, prompt: str) -> None:
-        """Speak ``text`` once the reply in progress, if any, has been spoken."""
+    def _speak_after(self, link: _Connection, reply: str | Silent, *, prompt: str) -> None:
+        """Speak ``reply`` once the reply in progress, if any, has been spoken."""
         link.replies = [task for task in link.replies if not task.done()]
         previous = link.replies[-1] if link.replies else None
-        task = asyncio.create_task(self._speak(link, text, prompt=prompt, after=previous))
+        task = asyncio.create_task(self._speak(link, reply, prompt=prompt, after=previous))
         self.track(task)
         link.replies.append(task)
 
     async def _speak(
-        self, link: _Connection, text: str, *, prompt: str, after: asyncio.Task[None] | None
+        self, link: _Connection, reply: str | Silent, *, prompt: str, after: asyncio.Task[None] | None
     ) -> None:
-        """Send one reply: model-turn chunks with their transcriptions, then turnComplete."""
+        """Send one reply: model-turn chunks with their transcriptions, then turnComplete.
+
+        Goes quiet (waits to be cancelled) where ``quiet_replies`` says, or
+        whenever the session is muted.
+        """
         state = link.state
+        text = reply.text if isinstance(reply, Silent) else reply
         spoken = 0
         try:
             if after is not None:
                 await asyncio.wait({after})
+            if link.muted:
+                await _forever()
+            number = len(self._reply_log)
+            self._reply_log.append((link.index, text))
+            silent = isinstance(reply, Silent) or number in self.silent_replies
+            quiet_after = self.quiet_replies.get(number)
             if link.resumable:
-                await self._send(link, {"sessionResumptionUpdate": {"resumable": False}})
+                await self._emit(link, {"sessionResumptionUpdate": {"resumable": False}})
             delay = self.first_audio_delay + state.take_first_audio_delay()
             if delay:
                 await asyncio.sleep(delay)
-            for start in range(0, len(text), self.chars_per_chunk):
-                chunk = text[start : start + self.chars_per_chunk]
-                if start and self.realtime:
+            size = self.chars_per_chunk
+            chunks = [text[start : start + size] for start in range(0, len(text), size)]
+            bundled = link.transcribe_output and self.bundle_transcription and not silent
+            slots = self._transcription_slots(text, len(chunks)) if link.transcribe_output else None
+            await self._transcribe(link, slots, 0)
+            for index, chunk in enumerate(chunks):
+                if index == quiet_after:
+                    await _forever()
+                if index and self.realtime:
                     await asyncio.sleep(len(chunk) * self.ms_per_char / 1000)
-                content: dict[str, Any] = {"modelTurn": {"parts": [self._part(link, chunk, text, start)]}}
-                transcription = {"outputTranscription": {"text": chunk}} if link.transcribe_output else {}
-                if self.bundle_transcription:
-                    content.update(transcription)
-                await self._send(link, {"serverContent": content})
-                spoken = start + len(chunk)
-                await state.audio_sent()
-                if transcription and not self.bundle_transcription:
-                    await self._send(link, {"serverContent": transcription})
+                start = index * size
+                if not silent:
+                    content: dict[str, Any] = {"modelTurn": {"parts": [self._part(link, chunk, text, start)]}}
+                    if bundled:
+                        content["outputTranscription"] = {"text": chunk}
+                    await self._emit(link, {"serverContent": content})
+                    spoken = start + len(chunk)
+                    await state.audio_sent()
+                else:
+                    spoken = start + len(chunk)
+                if not bundled:
+                    await self._transcribe(link, slots, index + 1)
                 # Let the client's messages in between chunks, as a network would.
                 await asyncio.sleep(0)
-            await self._send(link, {"serverContent": {"generationComplete": True}})
+            if quiet_after is not None and quiet_after >= len(chunks):
+                await _forever()
+            await self._emit(link, {"serverContent": {"generationComplete": True}})
             prompt_tokens, response_tokens = len(prompt.split()), len(text.split())
             usage = {
                 "promptTokenCount": prompt_tokens,
                 "responseTokenCount": response_tokens,
                 "totalTokenCount": prompt_tokens + response_tokens,
             }
-            await self._send(link, {"serverContent": {"turnComplete": True}, "usageMetadata": usage})
+            await self._emit(link, {"serverContent": {"turnComplete": True}, "usageMetadata": usage})
             link.history.append(("model", text))
             spoken = 0
             if link.resumable:
                 await self._issue_handle(link)
+            link.replies_done += 1
+            if self.mute_after_replies.get(link.index) == link.replies_done:
+                link.muted = True
         except (_Faulted, ConnectionClosed):
             pass
         finally:
             if spoken:
                 # Cut off: the model remembers what it got to say.
                 link.history.append(("model", text[:spoken]))
+
+    def _transcription_slots(self, text: str, chunks: int) -> list[list[str]]:
+        """The output transcription of ``text`` by when it goes out, as ``transcription`` says.
+
+        Slot ``i`` goes out right after audio chunk ``i - 1`` (slot 0 before
+        any audio, the last slot after all of it). The pieces add up to ``text``.
+        """
+        size = self.chars_per_chunk
+        slots: list[list[str]] = [[] for _ in range(chunks + 1)]
+        if self.transcription == "grouped":
+            ends = [match.end() for match in _WORD.finditer(text)]
+            bounds = ends[self.words_per_transcription - 1 :: self.words_per_transcription]
+            if bounds and bounds[-1] == ends[-1]:
+                bounds[-1] = len(text)
+            elif text:
+                bounds.append(len(text))
+            begin = 0
+            for end in bounds:
+                # A group goes out once the audio of its last character did.
+                slots[(end - 1) // size + 1].append(text[begin:end])
+                begin = end
+            return slots
+        for index in range(chunks):
+            if self.transcription == "before_audio":
+                slot = max(0, index - self.transcription_skew)
+            elif self.transcription == "after_audio":
+                slot = min(chunks, index + 1 + self.transcription_skew)
+            else:
+                slot = index + 1
+            slots[slot].append(text[index * size : (index + 1) * size])
+        return slots
+
+    async def _transcribe(self, link: _Connection, slots: list[list[str]] | None, slot: int) -> None:
+        for piece in slots[slot] if slots is not None else []:
+            await self._emit(link, {"serverContent": {"outputTranscription": {"text": piece}}})
 
     def _part(self, link: _Connection, chunk: str, text: str, start: int) -> dict[str, Any]:
         if link.text_modality:
@@ -860,9 +1243,18 @@ class GeminiLiveEmulator(WebsocketEmulator):
         await self._send(link, {"sessionResumptionUpdate": update})
 
     async def _send(self, link: _Connection, message: dict[str, Any]) -> None:
+        """Send ``message``; a muted session sends nothing (the message is dropped)."""
+        if link.muted:
+            return
         await link.state.send(json.dumps(message))
         link.sent.append(message)
         await self._signal()
+
+    async def _emit(self, link: _Connection, message: dict[str, Any]) -> None:
+        """Send part of a reply; a muted session's reply stops here, for good."""
+        if link.muted:
+            await _forever()
+        await self._send(link, message)
 
     async def send_go_away(self, state: ConnectionState, fault: Fault) -> None:
         """Send ``goAway``, and close the connection when its time is up."""
