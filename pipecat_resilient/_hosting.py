@@ -83,6 +83,9 @@ class Hosted(Generic[S]):
     """One stock service instance and what the shell knows about it."""
 
     service: S
+    # What logs call it: the stock instance's own name, before the shell gave
+    # it its own (so metrics and metadata keep one name across instances).
+    label: str = ""
     state: HostedState = HostedState.CONNECTING
     inlet: Port | None = None
     outlet: Port | None = None
@@ -111,7 +114,12 @@ class Hosted(Generic[S]):
     asked_to_answer: bool = False  # seeded so that the model answers at once
 
     def __str__(self) -> str:
-        return f"{self.service}"
+        return self.label or f"{self.service}"
+
+    @property
+    def speaks_for_owner(self) -> bool:
+        """Whether its events are the shell's: it is live or being connected, not failed."""
+        return self.state in (HostedState.CONNECTING, HostedState.LIVE)
 
 
 def _websocket_of(service: object) -> object | None:
@@ -177,6 +185,7 @@ class Host(Generic[S]):
         self._upstream = upstream
         self._prepare = prepare
         self._retiring: set[asyncio.Task[None]] = set()
+        self._made = 0
         self.all: list[Hosted[S]] = []
         # Build the first instance now, so a factory that raises, returns the
         # wrong thing or returns the same object twice fails at construction
@@ -212,13 +221,26 @@ class Host(Generic[S]):
         """Build a fresh instance with the factory (raises what the factory raises)."""
         return self._host(self._call_factory())
 
+    @property
+    def latest(self) -> Hosted[S]:
+        """The most recently made instance still hosted (the first one before any other)."""
+        return self.all[-1] if self.all else self.first
+
     def _host(self, service: S) -> Hosted[S]:
-        hosted: Hosted[S] = Hosted(service)
+        self._made += 1
+        hosted: Hosted[S] = Hosted(service, label=f"{type(service).__name__} (instance {self._made})")
         # Recovery is ours: a stock websocket service that reconnects on its
         # own hides the drop and never resends what was in flight.
         if hasattr(service, "_reconnect_on_error"):
             service._reconnect_on_error = False
-        name = f"{self._owner}::{service}"
+        # One name for every instance: the shell's. Metrics frames, service
+        # metadata (which a ServiceSwitcher matches by name) and logs then
+        # name the processor in the pipeline, before and after any reconnect.
+        service._name = self._owner.name
+        sync_metrics_name = getattr(service, "_sync_model_name_to_metrics", None)
+        if callable(sync_metrics_name):
+            sync_metrics_name()
+        name = f"{self._owner}::{hosted.label}"
         hosted.inlet = Port(partial(self._upstream, hosted), name=f"{name}::inlet")
         hosted.outlet = Port(partial(self._downstream, hosted), name=f"{name}::outlet")
         hosted.inlet.link(service)
@@ -249,7 +271,7 @@ class Host(Generic[S]):
             return classify_exception(exc) or Failure(
                 Verdict.SUSPECT, "unknown", f"set-up raised {type(exc).__name__}"
             )
-        return self._connection_failure(hosted)
+        return self.connection_failure(hosted)
 
     async def start(self, hosted: Hosted[S], frame: StartFrame, timeout: float | None) -> Failure | None:
         """Give ``hosted`` the ``StartFrame`` and wait until it has processed it.
@@ -269,10 +291,10 @@ class Host(Generic[S]):
                 await started.wait()
         except TimeoutError:
             return Failure(Verdict.TRANSIENT, "connectivity", f"starting took more than {timeout:g}s")
-        return self._connection_failure(hosted)
+        return self.connection_failure(hosted)
 
     @staticmethod
-    def _connection_failure(hosted: Hosted[S]) -> Failure | None:
+    def connection_failure(hosted: Hosted[S]) -> Failure | None:
         if hosted.failures:
             # The most telling failure: a permanent one wins.
             return next((f for f in hosted.failures if f.is_permanent), hosted.failures[-1])

@@ -9,6 +9,25 @@ service does: starting the first instance, the watchdog, the recovery episode
 with its retry policy, replacing a failed instance, replaying what the journal
 says, and the single ``ErrorFrame`` when recovery is exhausted. Subclasses
 translate frames into journal calls and journal actions into frames.
+
+It also does what makes a shell stand in for the service it hosts, whatever
+the service: every event the stock service offers can be registered on the
+shell and fires from whichever instance is live; settings updates addressed to
+the shell reach the live instance in order and every fresh instance before it
+goes live; configuration calls (registering a function, adding a text
+transform) reach every instance the shell will ever host; and every instance
+carries the shell's name, so metrics and service metadata name the processor
+in the pipeline before and after any number of reconnects.
+
+A concrete shell subclasses this class *and* the stock service's base class
+(``TTSService``, ``LLMService``), so Pipecat's own code and observers that ask
+``isinstance(processor, LLMService)`` see the service they expect. The base
+class's own lifecycle and state never run on the shell (``setup``,
+``process_frame``, ``push_frame``... are the plain ``FrameProcessor``'s here):
+each public member of the base class is either delegated explicitly by the
+shell or deliberately left out, and ``tests/test_dropin.py`` checks that list
+against the installed Pipecat, so a new member cannot silently act on the
+shell's unused state. There is no blanket ``__getattr__``.
 """
 
 from __future__ import annotations
@@ -17,10 +36,18 @@ import asyncio
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from loguru import logger
-from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    ServiceUpdateSettingsFrame,
+    StartFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.utils.errors import ErrorCategory
 
@@ -33,6 +60,21 @@ from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
 __all__ = ["Abandoned", "Journal", "RecoveryReport", "ResilientProcessor"]
 
 S = TypeVar("S", bound=FrameProcessor)
+
+# Events every FrameProcessor raises for itself: the shell raises its own, so
+# the hosted instance's are not forwarded.
+_PROCESSOR_EVENTS = frozenset(
+    {
+        "on_before_process_frame",
+        "on_after_process_frame",
+        "on_before_push_frame",
+        "on_after_push_frame",
+        "on_error",
+        "on_usable_changed",
+    }
+)
+# The shell's own events.
+_SHELL_EVENTS = ("on_connection_lost", "on_connection_recovered", "on_connection_given_up")
 
 
 class Journal(Protocol):
@@ -93,6 +135,9 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         on_connection_lost: ``(processor, failure: Failure)``.
         on_connection_recovered: ``(processor, report: RecoveryReport)``.
         on_connection_given_up: ``(processor, error: ReplayFailed)``.
+        Every event of the stock service (``on_connected``,
+        ``on_function_calls_started``...): forwarded from the live instance,
+        with the shell as the processor argument.
 
     Args:
         factory: Zero-argument callable returning a new stock service.
@@ -114,6 +159,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         **kwargs: Any,
     ) -> None:
         """Create the shell; validates ``retry`` and (by calling it) ``factory``."""
+        # The stock service base class's __init__ (the shell subclasses it for
+        # isinstance checks); its state is never used.
         super().__init__(**kwargs)
         if retry is None:
             retry = DEFAULT_RETRY
@@ -134,16 +181,23 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._watchdog_task: asyncio.Task[None] | None = None
         self._recovery_task: asyncio.Task[None] | None = None
         self._draining: Hosted[S] | None = None
+        # Calls that configure an instance (registering a function...), keyed
+        # so that a later call for the same thing replaces an earlier one, in
+        # the order they were made: replayed on every fresh instance.
+        self._configuration: dict[object, Callable[[S], Any]] = {}
+        # Settings updates the live instance has applied, replayed on every
+        # fresh instance before it goes live.
+        self._applied_settings: list[ServiceUpdateSettingsFrame] = []
+        for event in _SHELL_EVENTS:
+            self._register_event_handler(event)
         self._host: Host[S] = Host(
             self,
             factory,
             expected,
             downstream=self._on_instance_downstream,
             upstream=self._on_instance_upstream,
-            prepare=self._prepare_instance,
+            prepare=self._prepare_hosted,
         )
-        for event in ("on_connection_lost", "on_connection_recovered", "on_connection_given_up"):
-            self._register_event_handler(event)
 
     # ------------------------------------------------------------------
     # Public state
@@ -159,19 +213,45 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         """Whether it is live, recovering, or has given up."""
         return self._journal.state
 
+    @property
+    def _reference(self) -> S:
+        """The instance that answers questions about the service: the live one, else the newest."""
+        live = self._live
+        return live.service if live is not None else self._host.latest.service
+
+    def _configure(self, key: object, call: Callable[[S], Any]) -> Any:
+        """Apply a configuration call to every instance now hosted, and to every fresh one later.
+
+        Args:
+            key: What the call configures; a later call with the same key
+                replaces this one in the replay.
+            call: Applied to an instance.
+
+        Returns:
+            What the call returned on the reference instance.
+        """
+        self._configuration.pop(key, None)
+        self._configuration[key] = call
+        reference = self._reference
+        result = call(reference)
+        for hosted in self._host.all:
+            if hosted.speaks_for_owner and hosted.service is not reference:
+                call(hosted.service)
+        return result
+
     # ------------------------------------------------------------------
     # Lifecycle
     # ------------------------------------------------------------------
 
     async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Set up the processor and its first service instance (which may connect here)."""
-        await super().setup(setup)
+        await FrameProcessor.setup(self, setup)
         self._setup_data = setup
         self._first_failure = await self._host.set_up(self._host.first, setup, self._retry.attempt_timeout)
 
     async def cleanup(self) -> None:
         """Tear down every service instance."""
-        await super().cleanup()
+        await FrameProcessor.cleanup(self)
         self._ended = True
         await self._stop_tasks()
         self._live = None
@@ -183,7 +263,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         Setting it usable again after recovery gave up connects a fresh
         instance for what comes next.
         """
-        await super().set_usable(is_usable)
+        await FrameProcessor.set_usable(self, is_usable)
         if is_usable and self.state is State.FAILED and self._start_frame is not None and not self._ended:
             self._journal.revived()
             self._lost_at = now()
@@ -192,7 +272,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Start, cancel, or route the frame (see :meth:`_route`)."""
-        await super().process_frame(frame, direction)
+        await FrameProcessor.process_frame(self, frame, direction)
         if isinstance(frame, StartFrame):
             await self._start(frame)
         elif isinstance(frame, CancelFrame):
@@ -200,9 +280,29 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         else:
             await self._route(frame, direction)
 
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM) -> None:
+        """Push a frame on, as a plain ``FrameProcessor`` (the hosted instance did the service's part)."""
+        await FrameProcessor.push_frame(self, frame, direction)
+
+    def can_generate_metrics(self) -> bool:
+        """Whether the hosted service reports metrics (it does, under this processor's name)."""
+        return self._reference.can_generate_metrics()
+
     async def _route(self, frame: Frame, direction: FrameDirection) -> None:
         """Journal and feed any frame but a StartFrame or a CancelFrame (subclasses)."""
         await self._pass(frame, direction)
+
+    # The settings frame type the hosted service applies (subclasses).
+    _settings_frame: type[ServiceUpdateSettingsFrame] = ServiceUpdateSettingsFrame
+
+    def _is_own_settings(self, frame: Frame) -> bool:
+        """Whether ``frame`` is a settings update for this processor (and so for its instance)."""
+        return isinstance(frame, self._settings_frame) and frame.service in (None, self)
+
+    async def _apply_settings(self, hosted: Hosted[S], frame: ServiceUpdateSettingsFrame) -> None:
+        """Have the live instance apply a settings update, and every fresh one after it."""
+        self._applied_settings.append(frame)
+        await hosted.service.queue_frame(_settings_for_instance(frame))
 
     async def _start(self, frame: StartFrame) -> None:
         """Pass the StartFrame on and start the first instance (or recover it)."""
@@ -242,6 +342,27 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     # ------------------------------------------------------------------
     # Subclass hooks
     # ------------------------------------------------------------------
+
+    def _prepare_hosted(self, hosted: Hosted[S]) -> None:
+        """Hook into a new instance before it is set up: events, configuration, the subclass's hooks."""
+        service = hosted.service
+        for event in list(getattr(service, "_event_handlers", {})):
+            if event in _PROCESSOR_EVENTS or event in _SHELL_EVENTS:
+                continue
+            if event not in self._event_handlers:
+                # Every event the stock service offers can be registered here.
+                self._register_event_handler(event)
+            service.add_event_handler(event, partial(self._forward_event, hosted, event))
+        for call in self._configuration.values():
+            call(service)
+        self._prepare_instance(hosted)
+
+    async def _forward_event(
+        self, hosted: Hosted[S], event: str, service: S, *args: Any, **kwargs: Any
+    ) -> None:
+        """Raise an instance's event as this processor's, unless the instance has failed."""
+        if hosted.speaks_for_owner and not self._ended:
+            await self._call_event_handler(event, *args, **kwargs)
 
     def _prepare_instance(self, hosted: Hosted[S]) -> None:
         """Hook into a new instance before it is set up."""
@@ -416,13 +537,16 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._draining = hosted
         self._journal.connection_lost(now=now())
         self._lost_at = now()
-        logger.warning(f"{self}: lost {hosted.service} ({failure.description}); recovering")
+        logger.warning(f"{self}: lost {hosted} ({failure.description}); recovering")
         self.create_task(self._drain_then_retire(hosted), name="drain")
         await self._after_lost(hosted)
         if self._ended:
             return
         self._recovery_task = self.create_task(self._recover(failure), name="recovery")
         await self._call_event_handler("on_connection_lost", failure)
+        # The failed instance's own events are cut off from here on; the stock
+        # service would have said it was disconnected, so the shell does.
+        await self._call_event_handler("on_disconnected")
 
     async def _drain_then_retire(self, hosted: Hosted[S]) -> None:
         try:
@@ -478,15 +602,83 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
         timeout = self._retry.attempt_timeout
         self._before_connect(hosted)
+        unapplied = await self._preconfigure(hosted)
         failure = await self._host.set_up(hosted, self._setup_data, timeout)
         if failure is None:
             failure = await self._host.start(hosted, self._start_frame, timeout)
+        if failure is None:
+            failure = await self._set_up_settings(hosted, unapplied, timeout)
         if failure is None:
             failure = await self._connected(hosted)
         if failure is not None:
             self._host.retire(hosted)
             return None, failure
         return hosted, None
+
+    async def _preconfigure(self, hosted: Hosted[S]) -> list[ServiceUpdateSettingsFrame]:
+        """Give a fresh instance the settings the live one had applied, before it connects.
+
+        The instance applies them as it would a settings update, except that a
+        reconnect it would make for them (a new voice, say) is skipped: it has
+        not connected yet, and connects once, with the new settings, when it is
+        set up. No second handshake during a recovery.
+
+        Returns:
+            The updates it could not apply this way (its settings code needed a
+            connection); they are applied once it is connected instead.
+        """
+        frames = _merged(self._applied_settings)
+        service: Any = hosted.service
+        update = getattr(service, "_update_settings", None)
+        settings = getattr(service, "_settings", None)
+        if not frames or update is None or settings is None:
+            return frames
+
+        async def nothing() -> None:
+            """No connection to make or drop yet."""
+
+        service._connect = service._disconnect = nothing
+        applied = 0
+        try:
+            for frame in frames:
+                delta = frame.delta
+                if delta is None:
+                    delta = type(settings).from_mapping(frame.settings)
+                await update(delta)
+                applied += 1
+        except Exception as exc:
+            logger.debug(f"{self}: settings applied after connecting instead ({type(exc).__name__}: {exc})")
+        finally:
+            del service._connect, service._disconnect
+        return frames[applied:]
+
+    async def _set_up_settings(
+        self, hosted: Hosted[S], frames: list[ServiceUpdateSettingsFrame], timeout: float | None
+    ) -> Failure | None:
+        """Give a connected fresh instance the settings :meth:`_preconfigure` could not, and wait.
+
+        A service that reconnects on a settings change does it here, before
+        the instance goes live, so that reconnect is never taken for a drop.
+        """
+        if not frames:
+            return None
+        applied = asyncio.Event()
+        last = frames[-1]
+
+        async def done(processor: FrameProcessor, frame: Frame, direction: FrameDirection) -> None:
+            if frame is last:
+                applied.set()
+
+        for frame in frames:
+            await hosted.service.queue_frame(frame, FrameDirection.DOWNSTREAM, done)
+        try:
+            async with asyncio.timeout(timeout):
+                await applied.wait()
+        except TimeoutError:
+            return Failure(
+                Verdict.TRANSIENT, "connectivity", f"applying settings took more than {timeout:g}s"
+            )
+        return self._host.connection_failure(hosted)
 
     async def _connected(self, hosted: Hosted[S]) -> Failure | None:
         """A fresh instance is set up and started (before it is made live); a failure fails the attempt."""
@@ -561,3 +753,36 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             if task is not None and task is not asyncio.current_task():
                 await self.cancel_task(task)
         self._watchdog_task = self._recovery_task = None
+
+
+def _settings_for_instance(frame: ServiceUpdateSettingsFrame) -> ServiceUpdateSettingsFrame:
+    """A copy of a settings update (addressed to the shell or to nobody) for the hosted instance."""
+    # The instance converts some fields in place (a language to its own code).
+    delta = frame.delta.copy() if frame.delta is not None else None
+    return type(frame)(settings=dict(frame.settings), delta=delta)
+
+
+def _merged(frames: Sequence[ServiceUpdateSettingsFrame]) -> list[ServiceUpdateSettingsFrame]:
+    """Settings updates for a fresh instance, consecutive deltas of one type merged into one.
+
+    A service that reconnects on each change then reconnects once, not once
+    per update the live instance went through.
+    """
+    merged: list[ServiceUpdateSettingsFrame] = []
+    for frame in frames:
+        copy = _settings_for_instance(frame)
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and previous.delta is not None
+            and copy.delta is not None
+            and type(previous.delta) is type(copy.delta)
+            and not previous.settings
+            and not copy.settings
+        ):
+            delta = previous.delta.copy()
+            delta.apply_update(copy.delta)
+            merged[-1] = type(copy)(delta=delta)
+        else:
+            merged.append(copy)
+    return merged

@@ -22,6 +22,10 @@ Vocabulary:
   force-completes unspoken text into one when a context ends.
 * An utterance is *settled* once nothing about it can change any more: its
   closing frame came out of the service, or its context was reported final.
+* A *settings update* takes effect at an utterance boundary: one accepted while
+  a turn is open waits for the end of that turn, and none is fed until every
+  utterance accepted before it is settled (applying it earlier would make a
+  provider that reconnects on a new voice cut the utterance in flight).
 
 Time is passed in by the caller (``now``); the ledger never reads a clock.
 """
@@ -169,12 +173,19 @@ class _Piece:
     interruptible: bool = True
     fed: bool = False
     emerged: bool = False
+    # A settings update waits for these utterances to settle before it is fed.
+    waits_for: tuple[Utterance, ...] = ()
 
     @property
     def settled(self) -> bool:
         if self.utterance is not None and self.utterance.settled:
             return True
         return self.kind is _PieceKind.FRAME and self.emerged
+
+    @property
+    def waiting(self) -> bool:
+        """Whether it is a settings update that must still wait for an earlier utterance."""
+        return any(not utterance.settled for utterance in self.waits_for)
 
 
 @dataclass
@@ -227,6 +238,9 @@ class Ledger:
         self._open_turn: Utterance | None = None
         self._contexts: dict[str, Utterance] = {}
         self._liveness = _Liveness()
+        # Settings updates accepted while a turn was open, for after its end.
+        self._deferred: list[object] = []
+        self._blocked = False
 
     # ------------------------------------------------------------------
     # Inputs: what arrived from upstream.
@@ -274,6 +288,7 @@ class Ledger:
         self._open_turn = None
         utterance.closed = True
         self._append(_Piece(_PieceKind.END, utterance, frame, interruptible=interruptible))
+        self._flush_deferred()
         return utterance
 
     def speak_accepted(
@@ -319,7 +334,30 @@ class Ledger:
         self._append(
             _Piece(_PieceKind.END if closed else _PieceKind.FRAME, closed, frame, interruptible=interruptible)
         )
+        if closed is not None:
+            self._flush_deferred()
         return closed
+
+    def settings_accepted(self, frame: object) -> None:
+        """A settings update arrived: it takes effect at the next utterance boundary.
+
+        While a turn is open it waits for the turn's end; then it is fed only
+        once every utterance accepted before it is settled (never interrupted
+        away, never replayed once fed).
+        """
+        if self._open_turn is not None:
+            self._deferred.append(frame)
+        else:
+            self._append_settings(frame)
+
+    def _append_settings(self, frame: object) -> None:
+        waits_for = tuple(self._unsettled_utterances())
+        self._append(_Piece(_PieceKind.FRAME, None, frame, interruptible=False, waits_for=waits_for))
+
+    def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for frame in deferred:
+            self._append_settings(frame)
 
     def interrupted(self) -> list[Utterance]:
         """The user interrupted: everything interruptible and unsettled is dropped, never replayed.
@@ -341,6 +379,7 @@ class Ledger:
         self._journal.pieces = kept
         if self._open_turn is not None and self._open_turn.interruptible:
             self._open_turn = None
+            self._flush_deferred()
         for context_id, utterance in list(self._contexts.items()):
             if utterance.settled:
                 del self._contexts[context_id]
@@ -547,6 +586,7 @@ class Ledger:
         of every unsettled utterance (from the first word without audio), and
         every frame that had not come out of the lost instance.
         """
+        self._blocked = False
         if self.state is not State.LIVE:
             return []
         actions: list[Action] = []
@@ -554,6 +594,11 @@ class Ledger:
         for piece in list(self._journal.pieces):
             if piece.fed or piece.settled:
                 continue
+            if piece.waits_for and piece.waiting:
+                # A settings update waits for the boundary, and so does
+                # everything after it.
+                self._blocked = True
+                break
             piece.fed = True
             action = self._action_for(piece)
             if action is not None:
@@ -603,6 +648,9 @@ class Ledger:
         for piece in self._journal.pieces:
             if piece.utterance is not None:
                 piece.utterance.settled = True
+        frames.extend(self._deferred)
+        self._deferred = []
+        self._blocked = False
         self._journal = _Journal()
         self._contexts.clear()
         self._open_turn = None
@@ -617,6 +665,15 @@ class Ledger:
     def open_downstream(self) -> list[Utterance]:
         """Unsettled utterances that started downstream and did not stop."""
         return [u for u in self._unsettled_utterances() if u.downstream_context is not None]
+
+    @property
+    def blocked(self) -> bool:
+        """Whether :meth:`to_feed` stopped at a settings update waiting for an utterance to settle.
+
+        Call :meth:`to_feed` again once one has (its end came out, its context
+        was final, or an interruption dropped it).
+        """
+        return self._blocked
 
     @property
     def in_flight(self) -> int:
@@ -699,6 +756,7 @@ class Ledger:
         if self._open_turn is not None and self._open_turn.source is None:
             self._open_turn.closed = True
             self._open_turn = None
+            self._flush_deferred()
 
     def _unsettled_utterances(self) -> Iterator[Utterance]:
         seen: set[int] = set()

@@ -13,10 +13,24 @@ runs twice. Decisions are made by the sans-I/O
 Speech-to-speech services (``GeminiLiveLLMService``) are handled by
 :mod:`pipecat_resilient.realtime`; ``ResilientLLM`` picks that mode itself
 from what the factory builds.
+
+It stands in for the service it hosts: it *is* an ``LLMService`` (Pipecat's
+``LLMLogObserver``, ``LLMSwitcher``, ``LLMWithBackend`` and the MCP client
+type-check or call into one), and each public member of ``LLMService`` is
+delegated explicitly below: functions registered on the wrapper reach every
+instance it ever hosts, ``run_inference`` is recovered like any answer, and
+``settings``, the adapter and the service metadata are the live instance's.
+Why a subclass *and* an explicit list: a subclass alone would let an inherited
+method act silently on the wrapper's own unused state (a function registered
+there would never run); a plain delegate would fail the ``isinstance`` checks.
+``tests/test_dropin.py`` holds the list against the installed Pipecat. Every
+hosted instance shares the first instance's adapter object, so what Pipecat
+code writes into ``get_llm_adapter()`` (built-in tools) holds for all of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,15 +45,17 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
+    LLMUpdateSettingsFrame,
     SystemFrame,
 )
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.llm_service import LLMService
+from pipecat.services.settings import ServiceSettings
 
 from pipecat_resilient._hosting import Episode, Hosted, now
 from pipecat_resilient._resilient import Abandoned, Journal, RecoveryReport, ResilientProcessor
-from pipecat_resilient.failures import Failure, Verdict
+from pipecat_resilient.failures import Failure, Verdict, classify_exception
 from pipecat_resilient.inference import (
     Inference,
     InferenceAction,
@@ -54,15 +70,18 @@ __all__ = ["RecoveryReport", "ResilientLLM"]
 
 
 def _is_realtime(service: object) -> bool:
-    """Whether ``service`` is a speech-to-speech session (Gemini Live)."""
-    try:
-        from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService
-    except ImportError:  # the google extra is not installed
-        return False
-    return isinstance(service, GeminiLiveLLMService)
+    """Whether ``service`` is a speech-to-speech session (Gemini Live).
+
+    Told by class name, not by importing Gemini's module: that import logs an
+    ERROR in an install without the ``google`` extra.
+    """
+    return any(
+        cls.__name__ == "GeminiLiveLLMService" and cls.__module__.startswith("pipecat.services.google")
+        for cls in type(service).__mro__
+    )
 
 
-class ResilientLLM(ResilientProcessor[LLMService]):
+class ResilientLLM(ResilientProcessor[LLMService], LLMService):
     """An LLM processor whose answers survive dropped streams and sessions.
 
     Put it where the stock LLM service would go, built from a factory::
@@ -70,13 +89,18 @@ class ResilientLLM(ResilientProcessor[LLMService]):
         llm = ResilientLLM(lambda: OpenAILLMService(api_key=KEY, settings=...))
         llm = ResilientLLM(lambda: GeminiLiveLLMService(api_key=KEY, settings=...))
 
-    Functions are registered on the stock service inside the factory (or
-    through ``ToolsSchema`` handlers), so every fresh instance has them.
+    Register functions on it as on the stock service
+    (``llm.register_function("get_weather", handler)``, the MCP client's
+    ``register_tools(llm)``, ``ToolsSchema`` handlers in the context): every
+    instance it hosts gets them.
 
     Event handlers:
         on_connection_lost: ``(processor, failure: Failure)``.
         on_connection_recovered: ``(processor, report: RecoveryReport)``.
         on_connection_given_up: ``(processor, error: ReplayFailed)``.
+        on_function_calls_started, on_function_calls_cancelled,
+            on_completion_timeout, and any other event of the stock service:
+            forwarded from the live instance.
 
     Args:
         factory: Zero-argument callable returning a *new* stock LLM service
@@ -146,6 +170,166 @@ class ResilientLLM(ResilientProcessor[LLMService]):
         return self._inferences
 
     # ------------------------------------------------------------------
+    # Standing in for the stock service (see the module docstring)
+    # ------------------------------------------------------------------
+
+    @property
+    def settings(self) -> ServiceSettings:
+        """The live instance's settings (the newest instance's while recovering)."""
+        return self._reference.settings
+
+    def get_llm_adapter(self) -> Any:
+        """The adapter every hosted instance shares."""
+        return self._reference.get_llm_adapter()
+
+    def create_llm_specific_message(self, message: Any) -> Any:
+        """An LLM-specific message for the hosted service's adapter."""
+        return self._reference.create_llm_specific_message(message)
+
+    @property
+    def supports_response_schema(self) -> bool:  # type: ignore[override]
+        """Whether the hosted service can enforce a response schema in ``run_inference``."""
+        return bool(self._reference.supports_response_schema)
+
+    def model_supports_response_schema(self, model: str) -> bool:  # type: ignore[override]
+        """Whether ``model`` can enforce a response schema on the hosted service."""
+        return type(self._reference).model_supports_response_schema(model)
+
+    @property
+    def reports_ttfat(self) -> bool:
+        """Whether the hosted service reports time-to-first-answer-token."""
+        return self._reference.reports_ttfat
+
+    @property
+    def accepts_intermediate_function_call_results(self) -> bool:
+        """Whether the hosted service delivers a tool's intermediate results to the model."""
+        return self._reference.accepts_intermediate_function_call_results
+
+    def llm_with_backend_role_objection(self, role: Any) -> str | None:
+        """Why the hosted service cannot take ``role`` in an ``LLMWithBackend``, if it cannot."""
+        return self._reference.llm_with_backend_role_objection(role)
+
+    def service_metadata_frame(self) -> Any:
+        """The hosted service's metadata frame (named after this processor)."""
+        return self._reference.service_metadata_frame()
+
+    def register_function(
+        self,
+        function_name: str | None,
+        handler: Any,
+        *,
+        cancel_on_interruption: bool | None = None,
+        timeout_secs: float | None = None,
+        cancellable_by_llm: bool | None = None,
+    ) -> None:
+        """Register a function handler, on every instance this processor hosts (see ``LLMService``)."""
+        self._configure(
+            ("function", function_name),
+            lambda s: s.register_function(
+                function_name,
+                handler,
+                cancel_on_interruption=cancel_on_interruption,
+                timeout_secs=timeout_secs,
+                cancellable_by_llm=cancellable_by_llm,
+            ),
+        )
+
+    def register_direct_function(self, handler: Any, **kwargs: Any) -> None:
+        """Register a direct function, on every instance (deprecated in Pipecat, as on the stock)."""
+        self._configure(("direct", handler), lambda s: s.register_direct_function(handler, **kwargs))
+
+    def _register_direct_function(self, handler: Any, **kwargs: Any) -> None:
+        """What ``LLMSwitcher.register_direct_function`` calls on its members."""
+        self._configure(("direct", handler), lambda s: s._register_direct_function(handler, **kwargs))
+
+    def unregister_function(self, function_name: str | None) -> None:
+        """Unregister a function handler, from every instance."""
+        self._configure(("function", function_name), lambda s: s.unregister_function(function_name))
+
+    def unregister_direct_function(self, handler: Any) -> None:
+        """Unregister a direct function, from every instance."""
+        self._configure(("direct", handler), lambda s: s.unregister_direct_function(handler))
+
+    def has_function(self, function_name: str) -> bool:
+        """Whether a handler is registered for ``function_name`` (on the live instance)."""
+        return bool(self._reference.has_function(function_name))
+
+    def _sync_registered_tool_handlers(self, tools: Any) -> None:
+        """What ``LLMSwitcher`` calls on each member for every context: sync advertised tools' handlers."""
+        self._configure("synced-tools", lambda s: s._sync_registered_tool_handlers(tools))
+
+    def append_system_instruction(self, instruction: str) -> None:
+        """Append durable text to the system instruction, on every instance."""
+        self._configure(("system-instruction", object()), lambda s: s.append_system_instruction(instruction))
+
+    def set_user_turn_completion_config(self, config: Any) -> None:
+        """Set the turn completion configuration, on every instance."""
+        self._configure("turn-completion", lambda s: s.set_user_turn_completion_config(config))
+
+    async def cancel_function_calls(self, *, reason: str = "cancelled") -> list[Any]:
+        """Cancel every function call the live instance has in flight."""
+        live = self._live
+        return await live.service.cancel_function_calls(reason=reason) if live is not None else []
+
+    async def run_function_calls(self, function_calls: Any) -> None:
+        """Run function calls on the live instance (as the stock service runs its own)."""
+        live = self._live
+        if live is None:
+            raise RuntimeError(f"{self}: no live instance to run function calls on (recovering)")
+        await live.service.run_function_calls(function_calls)
+
+    async def run_inference(
+        self,
+        context: LLMContext,
+        max_tokens: int | None = None,
+        system_instruction: str | None = None,
+        response_schema: dict[str, Any] | None = None,
+    ) -> str | None:
+        """Run a one-shot, out-of-band inference, recovered like any answer.
+
+        A connection failure (a dropped or refused request) is retried under
+        this processor's ``RetryPolicy`` on whichever instance is live, the
+        SDK's own retries being off; anything else (a bad request, an
+        application error) is raised as the stock service raises it, and so is
+        the last failure once the policy is spent.
+
+        Args:
+            context: The LLM context.
+            max_tokens: As the stock service takes it.
+            system_instruction: As the stock service takes it.
+            response_schema: As the stock service takes it.
+
+        Returns:
+            The answer, or None when there is none (as the stock service).
+        """
+        episode = Episode(self._retry, started=now(), rng=self._rng)
+        while True:
+            episode.attempts += 1
+            service = self._reference
+            try:
+                return await service.run_inference(
+                    context,
+                    max_tokens=max_tokens,
+                    system_instruction=system_instruction,
+                    response_schema=response_schema,
+                )
+            except Exception as exc:
+                failure = classify_exception(exc)
+                if failure is None:
+                    raise
+                reason = episode.record(failure)
+                wait = episode.next_wait(now()) if reason is None else None
+                if wait is None:
+                    logger.warning(
+                        f"{self}: one-shot inference failed after {episode.attempts} attempt(s) "
+                        f"({failure.description})"
+                    )
+                    raise
+                logger.info(f"{self}: one-shot inference failed ({failure.description}); retrying")
+                if wait > 0:
+                    await asyncio.sleep(wait)
+
+    # ------------------------------------------------------------------
     # Frames in
     # ------------------------------------------------------------------
 
@@ -164,10 +348,16 @@ class ResilientLLM(ResilientProcessor[LLMService]):
         elif isinstance(frame, SystemFrame) or direction is FrameDirection.UPSTREAM:
             await self._pass(frame, direction)
         elif self.state is State.FAILED:
+            if self._is_own_settings(frame):
+                assert isinstance(frame, LLMUpdateSettingsFrame)
+                self._applied_settings.append(frame)  # for the instance a revival connects
+                return
             await self.push_frame(frame, direction)
         else:
             self._inferences.frame_accepted(frame, interruptible=frame.interruptible)
             await self._feed_pending()
+
+    _settings_frame = LLMUpdateSettingsFrame
 
     # ------------------------------------------------------------------
     # Feeding
@@ -185,6 +375,12 @@ class ResilientLLM(ResilientProcessor[LLMService]):
             assert isinstance(action.frame, Frame)
             if isinstance(action.frame, EndFrame):
                 hosted.stopping = True
+            if self._is_own_settings(action.frame):
+                # Applied by the instance, never to come back out.
+                assert isinstance(action.frame, LLMUpdateSettingsFrame)
+                self._inferences.frame_emerged(action.frame)
+                await self._apply_settings(hosted, action.frame)
+                return
             await service.queue_frame(action.frame)
             return
         assert inference is not None
@@ -209,6 +405,11 @@ class ResilientLLM(ResilientProcessor[LLMService]):
         """Hook into a new instance before it is set up."""
         service = hosted.service
         journal = self._inferences
+        first = self._host.first if hasattr(self, "_host") else None
+        if first is not None and first.service is not service:
+            # One adapter for every instance: what Pipecat code writes into
+            # get_llm_adapter() (built-in tools...) holds for all of them.
+            service._adapter = first.service._adapter
 
         def before_process(processor: FrameProcessor, frame: Frame) -> None:
             if isinstance(frame, SystemFrame):

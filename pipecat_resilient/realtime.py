@@ -48,6 +48,7 @@ from pipecat.frames.frames import (
     LLMFullResponseStartFrame,
     LLMMessagesAppendFrame,
     LLMTextFrame,
+    LLMUpdateSettingsFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -140,6 +141,15 @@ class ResilientRealtimeLLM(ResilientLLM):
                 self._owed_on_feed = True
         if isinstance(frame, InterruptionFrame) and direction is FrameDirection.DOWNSTREAM:
             self._session.interrupted()
+        if self._is_own_settings(frame):
+            assert isinstance(frame, LLMUpdateSettingsFrame)
+            live = self._live
+            if live is not None and live.state is HostedState.LIVE:
+                await self._apply_settings(live, frame)
+            else:
+                # The fresh session is configured with it before it goes live.
+                self._applied_settings.append(frame)
+            return
         failed = self.state is State.FAILED
         if isinstance(frame, (*_INPUT, EndFrame)) and not failed:
             seconds = _seconds(frame)

@@ -7,6 +7,22 @@ it retires that instance, connects a fresh one, and replays what was not yet
 heard, from the first word without audio. Decisions are made by the
 sans-I/O :class:`~pipecat_resilient.ledger.Ledger`; this module only turns
 frames into ledger calls and ledger actions into frames.
+
+It stands in for the service it hosts: it *is* a ``TTSService`` (for
+``isinstance`` checks and typed code), and each public member of
+``TTSService`` is either delegated to the hosted instance below, or refused
+with a ``TypeError`` saying why (the internal audio-context machinery a
+service calls on itself). Why a subclass *and* an explicit list, rather than
+either alone: a subclass alone would let an inherited method act silently on
+the wrapper's own unused state (``add_text_transformer`` would transform
+nothing); a plain delegate would fail Pipecat's and users' ``isinstance``
+checks. ``tests/test_dropin.py`` holds the list against the installed Pipecat.
+
+A settings update (``TTSUpdateSettingsFrame``) is applied at the next
+utterance boundary: the utterance being spoken finishes in the old voice, then
+the live instance applies the change (reconnecting, for providers that do, as
+a planned change, never counted as a drop), and every fresh instance after a
+later drop gets the latest settings before it goes live.
 """
 
 from __future__ import annotations
@@ -39,12 +55,13 @@ from pipecat.frames.frames import (
     TTSUpdateSettingsFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.settings import ServiceSettings, TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.transcriptions.language import Language
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from pipecat_resilient._hosting import Episode, Hosted, HostedState, now, socket_open
+from pipecat_resilient._hosting import Episode, Hosted, now
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
-from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
 from pipecat_resilient.policy import RetryPolicy, check_seconds
 
@@ -60,7 +77,7 @@ class _DrainMarker(ControlFrame):
     """Appended behind a failed instance's received audio; marks where to cut it off."""
 
 
-class ResilientTTS(ResilientProcessor[TTSService]):
+class ResilientTTS(ResilientProcessor[TTSService], TTSService):
     """A TTS processor that survives provider connection failures without losing a word.
 
     Put it where the stock TTS service would go. It owns one live service
@@ -82,8 +99,10 @@ class ResilientTTS(ResilientProcessor[TTSService]):
             instance is connected and the unheard text was replayed into it.
         on_connection_given_up: ``(processor, error: ReplayFailed)`` - recovery
             is exhausted; ``error.unspoken`` is the text nobody heard.
-        on_connected, on_disconnected, on_tts_request: forwarded from the live
-            stock instance, as the stock service raises them.
+        on_connected, on_disconnected, on_connection_error, on_tts_request, and
+            any other event of the stock service: forwarded from the live
+            instance, as the stock service raises them (``on_disconnected``
+            also when a drop is detected).
 
     Args:
         factory: Zero-argument callable returning a *new* stock TTS service
@@ -117,7 +136,6 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         """Create the processor and validate its configuration."""
         check_seconds(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
         self._ledger = Ledger(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
-        self._settings: list[TTSUpdateSettingsFrame] = []
         super().__init__(
             factory,
             TTSService,  # type: ignore[type-abstract]
@@ -133,8 +151,8 @@ class ResilientTTS(ResilientProcessor[TTSService]):
                 f"first_audio_timeout and stall_timeout ({longest:g}s) must be shorter than the service's "
                 f"stop_frame_timeout_s ({stop_timeout:g}s): after that Pipecat reports unheard text as spoken"
             )
-        for event in ("on_connected", "on_disconnected", "on_tts_request"):
-            self._register_event_handler(event)
+
+    _settings_frame = TTSUpdateSettingsFrame
 
     # ------------------------------------------------------------------
     # Public state
@@ -144,6 +162,85 @@ class ResilientTTS(ResilientProcessor[TTSService]):
     def ledger(self) -> Ledger:
         """The ledger of text in flight (read-only use)."""
         return self._ledger
+
+    # ------------------------------------------------------------------
+    # Standing in for the stock service (see the module docstring)
+    # ------------------------------------------------------------------
+
+    @property
+    def settings(self) -> ServiceSettings:
+        """The live instance's settings (the newest instance's while recovering)."""
+        return self._reference.settings
+
+    @property
+    def sample_rate(self) -> int:
+        """The output sample rate of the hosted service (0 before the pipeline starts, as the stock)."""
+        return self._reference.sample_rate
+
+    @property
+    def chunk_size(self) -> int:
+        """The hosted service's recommended audio chunk size in bytes."""
+        return self._reference.chunk_size
+
+    @property
+    def text_aggregation_language(self) -> str:
+        """The hosted service's sentence tokenizer language."""
+        return self._reference.text_aggregation_language
+
+    @property
+    def supports_processing_metrics(self) -> bool:
+        """Whether the hosted service has a meaningful processing-time metric."""
+        return self._reference.supports_processing_metrics
+
+    @property
+    def supports_pronunciations(self) -> bool:
+        """Whether the hosted service reads pronunciation markup with its current settings."""
+        return self._reference.supports_pronunciations
+
+    def format_pronunciation(self, word: str, ipa: str) -> str | None:  # type: ignore[override]
+        """Render a pronunciation in the hosted service's markup."""
+        return type(self._reference).format_pronunciation(word, ipa)
+
+    def pronunciation_transform_ipa(self, pronunciations: Any) -> Any:  # type: ignore[override]
+        """A text transform that makes the hosted service say words as IPA describes."""
+        return type(self._reference).pronunciation_transform_ipa(pronunciations)
+
+    def language_to_service_language(self, language: Language) -> str | None:
+        """Convert a language to the hosted service's format."""
+        return self._reference.language_to_service_language(language)
+
+    def service_metadata_frame(self) -> Any:
+        """The hosted service's metadata frame (named after this processor)."""
+        return self._reference.service_metadata_frame()
+
+    def add_text_transformer(self, transform_function: Any, text_type: Any = "*", **kwargs: Any) -> None:
+        """Transform text of a type before synthesis, on every instance this processor hosts."""
+        key = ("text_transformer", text_type, transform_function)
+        self._configure(key, lambda s: s.add_text_transformer(transform_function, text_type, **kwargs))
+
+    def remove_text_transformer(self, transform_function: Any, text_type: Any = "*", **kwargs: Any) -> None:
+        """Remove a text transformer, from every instance this processor hosts."""
+        key = ("text_transformer", text_type, transform_function)
+        self._configure(key, lambda s: s.remove_text_transformer(transform_function, text_type, **kwargs))
+
+    async def set_model(self, model: str) -> None:
+        """Change the model, as a settings update (deprecated in Pipecat: use ``TTSUpdateSettingsFrame``)."""
+        await self.queue_frame(TTSUpdateSettingsFrame(delta=TTSSettings(model=model)))
+
+    async def set_voice(self, voice: str) -> None:
+        """Change the voice, as a settings update (deprecated in Pipecat: use ``TTSUpdateSettingsFrame``)."""
+        await self.queue_frame(TTSUpdateSettingsFrame(delta=TTSSettings(voice=voice)))
+
+    async def flush_audio(self, context_id: str | None = None) -> None:
+        """Ask the live instance to flush the audio of a context."""
+        live = self._live
+        if live is not None:
+            await live.service.flush_audio(context_id)
+
+    async def run_tts(self, text: str, context_id: str) -> Any:
+        """Not on the wrapper: send text as frames (``TTSSpeakFrame``, LLM text) so it is journaled."""
+        raise TypeError(_internal("run_tts"))
+        yield  # pragma: no cover
 
     # ------------------------------------------------------------------
     # Frames in
@@ -157,6 +254,9 @@ class ResilientTTS(ResilientProcessor[TTSService]):
             if self._ledger.state is not State.FAILED:
                 self._ledger.interrupted()
             await self._pass(frame, direction)
+            if self._ledger.blocked:
+                # A settings update was waiting for what was just dropped.
+                await self._feed_pending()
         elif isinstance(frame, SystemFrame):
             await self._pass(frame, direction)
         elif self._ledger.state is State.FAILED:
@@ -190,10 +290,10 @@ class ResilientTTS(ResilientProcessor[TTSService]):
             )
         elif isinstance(frame, EndFrame):
             ledger.frame_accepted(frame, interruptible=False, closes_turn=True)
-        elif isinstance(frame, TTSUpdateSettingsFrame) and frame.service in (None, self):
-            self._settings.append(frame)
-            # Applied to the live instance now (below) and to every fresh one.
-            ledger.frame_accepted(frame, interruptible=False)
+        elif self._is_own_settings(frame):
+            # Applied at the next utterance boundary, to the live instance and
+            # to every fresh one after it.
+            ledger.settings_accepted(frame)
         else:
             ledger.frame_accepted(frame, interruptible=interruptible)
 
@@ -205,8 +305,9 @@ class ResilientTTS(ResilientProcessor[TTSService]):
                 logger.warning(f"{self}: recovery gave up; not speaking {len(frame.text)} characters")
                 logger.debug(f"{self}: not speaking [{frame.text}]")
                 return
-        if isinstance(frame, TTSUpdateSettingsFrame) and frame.service in (None, self):
-            self._settings.append(frame)
+        if self._is_own_settings(frame):
+            assert isinstance(frame, TTSUpdateSettingsFrame)
+            self._applied_settings.append(frame)  # for the instance a revival connects
             return
         await self.push_frame(frame)
 
@@ -259,10 +360,10 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         if isinstance(frame, EndFrame):
             hosted.stopping = True
         if isinstance(frame, TTSUpdateSettingsFrame):
-            # Addressed to this processor; the instance must apply it itself,
-            # and it never comes back out.
+            # Addressed to this processor, at an utterance boundary; the
+            # instance applies it itself, and it never comes back out.
             self._ledger.frame_emerged(frame)
-            await service.queue_frame(_settings_for_instance(frame))
+            await self._apply_settings(hosted, frame)
             return
         if utterance is not None:
             hosted.fed[id(frame)] = utterance
@@ -313,38 +414,8 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         service.run_tts = run_tts_observed  # type: ignore[method-assign]
         self._hook_errors(hosted)
 
-        async def connected(processor: FrameProcessor) -> None:
-            if hosted.state is not HostedState.RETIRED:
-                await self._call_event_handler("on_connected")
-
-        async def disconnected(processor: FrameProcessor) -> None:
-            if hosted is not self._live:
-                return
-            await self._call_event_handler("on_disconnected")
-            # The stock service reports its own intentional disconnects too
-            # (settings changes, shutdown); only an unexpected one is a drop.
-            if hosted.stopping or getattr(processor, "_disconnecting", False):
-                return
-            if socket_open(processor) is False:
-                await self._lost(
-                    hosted, Failure(Verdict.TRANSIENT, "connectivity", "the service disconnected")
-                )
-
-        async def tts_request(processor: FrameProcessor, context_id: str, text: str) -> None:
-            if hosted is self._live:
-                await self._call_event_handler("on_tts_request", context_id, text)
-
-        service.add_event_handler("on_connected", connected)
-        service.add_event_handler("on_disconnected", disconnected)
-        service.add_event_handler("on_tts_request", tts_request)
-
     def _instance_live(self, hosted: Hosted[TTSService]) -> None:
         self._ledger.set_word_timestamps(hosted.word_timestamps)
-
-    async def _connected(self, hosted: Hosted[TTSService]) -> Failure | None:
-        for frame in self._settings:
-            await hosted.service.queue_frame(_settings_for_instance(frame))
-        return None
 
     def _restore_journal(self, hosted: Hosted[TTSService]) -> None:
         self._ledger.connection_restored(word_timestamps=hosted.word_timestamps)
@@ -377,6 +448,9 @@ class ResilientTTS(ResilientProcessor[TTSService]):
         if context_id is not None and context_id in hosted.rewrite:
             frame.context_id = hosted.rewrite[context_id]  # type: ignore[attr-defined]
         await self.push_frame(frame)
+        if ledger.blocked and hosted is self._live:
+            # An utterance settled: a settings update waiting for it may go.
+            await self._feed_pending()
 
     async def _drain(self, hosted: Hosted[TTSService]) -> None:
         """Let a failed instance push out the audio it had received, then account for its last word."""
@@ -417,6 +491,8 @@ class ResilientTTS(ResilientProcessor[TTSService]):
     async def _abandon(self, reason: str, episode: Episode) -> Abandoned:
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
         unspoken, frames = self._ledger.gave_up()
+        # Settings updates never applied still hold for whatever comes next.
+        self._applied_settings.extend(f for f in frames if isinstance(f, TTSUpdateSettingsFrame))
         return Abandoned(
             unspoken=tuple(unspoken),
             closing=tuple(TTSStoppedFrame(context_id=context_id) for context_id in open_contexts),
@@ -435,6 +511,45 @@ def _speak_like(source: object, text: str) -> TTSSpeakFrame:
     return TTSSpeakFrame(text)
 
 
-def _settings_for_instance(frame: TTSUpdateSettingsFrame) -> TTSUpdateSettingsFrame:
-    """A copy of a settings update (addressed to ``owner`` or to nobody) for the hosted instance."""
-    return TTSUpdateSettingsFrame(settings=dict(frame.settings), delta=frame.delta)
+def _internal(name: str) -> str:
+    return (
+        f"ResilientTTS.{name} is part of the machinery a stock TTS service runs on itself; the wrapper "
+        "hosts its instance's and does not stand in for it (send frames instead)"
+    )
+
+
+def _refuse(name: str) -> Any:
+    """A member of ``TTSService`` that only makes sense inside the hosted instance."""
+
+    def refused(self: ResilientTTS, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(_internal(name))
+
+    refused.__name__ = name
+    refused.__doc__ = "Not on the wrapper: internal to the hosted instance (raises TypeError)."
+    return refused
+
+
+# The audio-context and word-timestamp machinery a TTS service calls on itself:
+# on the wrapper it would act on nothing, so it says so instead.
+for _name in (
+    "add_word_timestamps",
+    "append_to_audio_context",
+    "audio_context_available",
+    "create_audio_context",
+    "create_context_id",
+    "get_active_audio_context_id",
+    "get_audio_contexts",
+    "has_active_audio_context",
+    "on_audio_context_completed",
+    "on_audio_context_interrupted",
+    "on_turn_context_completed",
+    "on_turn_context_created",
+    "remove_active_audio_context",
+    "remove_audio_context",
+    "reset_active_audio_context",
+    "reset_word_timestamps",
+    "start_word_timestamps",
+    "tts_process_generator",
+):
+    setattr(ResilientTTS, _name, _refuse(_name))
+del _name

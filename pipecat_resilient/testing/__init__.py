@@ -8,8 +8,15 @@ speech code that spells out its text, so what a listener heard can be decoded
 from the audio itself.
 
 * :class:`ElevenLabsEmulator` - ElevenLabs multi-stream-input websocket TTS.
+* :class:`CartesiaEmulator` - Cartesia's websocket TTS, with word timestamps
+  grouped and ordered against the audio as the real service may send them.
 * :class:`GeminiLiveEmulator` - Gemini Live (BidiGenerateContent) over TLS, with
-  scripted replies and tool calls (:class:`ToolCall`), session resumption, GoAway.
+  scripted replies and tool calls (:class:`ToolCall`), session resumption, GoAway,
+  a model that continues, restarts or repeats a cut reply, transcription ahead
+  of or behind its audio, and replies that come silent (:class:`Silent`), go
+  quiet or never come (a muted session).
+* :class:`DeepgramTTSEmulator` - Deepgram's websocket TTS (``/v1/speak``), no word
+  timings, audio chunks that cut through words.
 * :class:`OpenAIEmulator` - the OpenAI chat-completions streaming API (SSE), with
   scripted replies and tool calls (:class:`ChatToolCall`).
 * :class:`Fault`, :class:`FaultPlan` - what goes wrong, on which connection, when.
@@ -19,15 +26,19 @@ from the audio itself.
 * :class:`SpeechDecoder`, :func:`encode` - the speech code itself.
 """
 
+from pipecat_resilient.testing.cartesia import CartesiaEmulator
 from pipecat_resilient.testing.elevenlabs import ElevenLabsEmulator
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
-from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, ToolCall
+from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
+from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, Silent, ToolCall
 from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenario, UpstreamRecorder
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
 
 __all__ = [
+    "CartesiaEmulator",
     "ChatToolCall",
+    "DeepgramTTSEmulator",
     "ElevenLabsEmulator",
     "Fault",
     "FaultKind",
@@ -38,6 +49,7 @@ __all__ = [
     "OpenAIEmulator",
     "Scenario",
     "SessionScenario",
+    "Silent",
     "SpeechDecoder",
     "ToolCall",
     "UpstreamRecorder",

@@ -37,6 +37,7 @@ from pipecat.frames.frames import (
     LLMContextFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
+    MetricsFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -86,6 +87,7 @@ class Listener(FrameProcessor):
         self.context_words: list[str] = []
         self.first_audio_at: float | None = None
         self.audio_times: list[tuple[float, int]] = []
+        self.metrics: list[MetricsFrame] = []
         self._changed = asyncio.Condition()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -125,6 +127,8 @@ class Listener(FrameProcessor):
             self.marks.append(_Mark("response-end", now))
         elif isinstance(frame, InterruptionFrame):
             self.marks.append(_Mark("interruption", now))
+        elif isinstance(frame, MetricsFrame):
+            self.metrics.append(frame)
 
     @property
     def heard(self) -> list[str]:
@@ -336,12 +340,17 @@ class Scenario(PipelineRun):
         sample_rate: Output sample rate of the pipeline.
         after: Processors placed between the one under test and the listener
             (a reference pass-through in a benchmark, a ``ServiceSwitcher``...).
+        enable_metrics: Run with metrics and usage metrics enabled (``MetricsFrame``
+            seen by the listener are in ``listener.metrics``).
+        observers: Pipeline observers to run with.
     """
 
     tts: FrameProcessor
     spc: int
     sample_rate: int = 24000
     after: Sequence[FrameProcessor] = ()
+    enable_metrics: bool = False
+    observers: Sequence[BaseObserver] = ()
     listener: Listener = field(init=False)
     recorder: UpstreamRecorder = field(init=False)
     context: LLMContext = field(init=False)
@@ -355,8 +364,13 @@ class Scenario(PipelineRun):
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregator = LLMContextAggregatorPair(self.context).assistant()
         pipeline = Pipeline([self.recorder, self.tts, *self.after, self.listener, aggregator])
+        params = PipelineParams(
+            audio_out_sample_rate=self.sample_rate,
+            enable_metrics=self.enable_metrics,
+            enable_usage_metrics=self.enable_metrics,
+        )
         self._worker, self._task = await start_worker(
-            pipeline, params=PipelineParams(audio_out_sample_rate=self.sample_rate), timeout=timeout
+            pipeline, params=params, observers=list(self.observers), timeout=timeout
         )
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipecat.frames.frames import (
@@ -43,13 +43,14 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from pipecat_resilient.testing.harness import PipelineRun, start_worker
 
-__all__ = ["LLMScenario", "LLMTimeline", "Pushed"]
+__all__ = ["DownstreamRecorder", "LLMScenario", "LLMTimeline", "Pushed"]
 
 # Short names for the frames an LLM pushes, as :meth:`LLMTimeline.kinds` lists them.
 _KINDS: dict[type[Frame], str] = {
@@ -142,6 +143,22 @@ class LLMTimeline(BaseObserver):
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
 
+class DownstreamRecorder(FrameProcessor):
+    """Sits after the processor under test and records every frame that goes downstream past it."""
+
+    def __init__(self, **kwargs: object) -> None:
+        """Create a recorder."""
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.frames: list[Frame] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Record downstream frames, then pass everything on."""
+        await super().process_frame(frame, direction)
+        if direction is FrameDirection.DOWNSTREAM:
+            self.frames.append(frame)
+        await self.push_frame(frame, direction)
+
+
 @dataclass
 class LLMScenario(PipelineRun):
     """A pipeline around one LLM processor, with a real context and its aggregators.
@@ -149,20 +166,29 @@ class LLMScenario(PipelineRun):
     Args:
         llm: The processor under test (a stock service or a resilient one).
         context: The context to use; a new, empty one when None.
+        enable_metrics: Run with metrics and usage metrics enabled.
+        observers: More pipeline observers to run with.
     """
 
     llm: FrameProcessor
     context: LLMContext = field(default_factory=LLMContext)
+    enable_metrics: bool = False
+    observers: Sequence[BaseObserver] = ()
     timeline: LLMTimeline = field(init=False)
+    recorder: DownstreamRecorder = field(init=False)
 
     def __post_init__(self) -> None:
         self.timeline = LLMTimeline(self.llm)
+        self.recorder = DownstreamRecorder(name="DownstreamRecorder")
 
     async def start(self, timeout: float = 10.0) -> None:
         """Build and start the pipeline; return once the StartFrame got through."""
         aggregators = LLMContextAggregatorPair(self.context)
-        pipeline = Pipeline([aggregators.user(), self.llm, aggregators.assistant()])
-        self._worker, self._task = await start_worker(pipeline, observers=[self.timeline], timeout=timeout)
+        pipeline = Pipeline([aggregators.user(), self.llm, self.recorder, aggregators.assistant()])
+        params = PipelineParams(enable_metrics=self.enable_metrics, enable_usage_metrics=self.enable_metrics)
+        self._worker, self._task = await start_worker(
+            pipeline, params=params, observers=[self.timeline, *self.observers], timeout=timeout
+        )
 
     async def ask(self, text: str) -> None:
         """Add a user message to the context and run the LLM, as a finished user turn would."""
@@ -191,6 +217,16 @@ class LLMScenario(PipelineRun):
             elif isinstance(pushed.frame, LLMTextFrame) and responses:
                 responses[-1] += pushed.frame.text
         return responses
+
+    @property
+    def downstream(self) -> list[Frame]:
+        """Every frame that went downstream past the processor under test (whoever pushed it)."""
+        return self.recorder.frames
+
+    @property
+    def metrics(self) -> list[MetricsFrame]:
+        """The metrics frames that went downstream past the processor under test."""
+        return [f for f in self.recorder.frames if isinstance(f, MetricsFrame)]
 
     @property
     def responses_ended(self) -> int:
