@@ -19,6 +19,9 @@ from the audio itself.
   timings, audio chunks that cut through words.
 * :class:`OpenAIEmulator` - the OpenAI chat-completions streaming API (SSE), with
   scripted replies and tool calls (:class:`ChatToolCall`).
+* :class:`OpenAIRealtimeEmulator` - the OpenAI Realtime websocket API, with a model
+  that continues, restarts or repeats a cut reply, transcripts ahead of or behind
+  their audio, error events with the socket open, and the 60-minute session limit.
 * :class:`Fault`, :class:`FaultPlan` - what goes wrong, on which connection, when.
 * :class:`Scenario` - a pipeline around a TTS processor with a :class:`Listener`
   and Pipecat's own assistant aggregator, to assert on what was heard and
@@ -33,6 +36,7 @@ from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
 from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, Silent, ToolCall
 from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenario, UpstreamRecorder
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
+from pipecat_resilient.testing.openai_realtime import OpenAIRealtimeEmulator
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
     "HeardWord",
     "Listener",
     "OpenAIEmulator",
+    "OpenAIRealtimeEmulator",
     "Scenario",
     "SessionScenario",
     "Silent",
