@@ -22,6 +22,11 @@ from the audio itself.
 * :class:`OpenAIRealtimeEmulator` - the OpenAI Realtime websocket API, with a model
   that continues, restarts or repeats a cut reply, transcripts ahead of or behind
   their audio, error events with the socket open, and the 60-minute session limit.
+* :class:`DeepgramSTTEmulator` - Deepgram's live transcription websocket (``/v1/listen``):
+  it transcribes the speech code it receives, with finals grouped and held back.
+* :class:`AssemblyAIEmulator` - AssemblyAI's streaming v3 websocket.
+* :class:`Caller`, :class:`STTScenario` - a caller speaking a script into a
+  speech-to-text processor, and what reached the transcripts and the context.
 * :class:`Fault`, :class:`FaultPlan` - what goes wrong, on which connection, when.
 * :class:`Scenario` - a pipeline around a TTS processor with a :class:`Listener`
   and Pipecat's own assistant aggregator, to assert on what was heard and
@@ -29,7 +34,9 @@ from the audio itself.
 * :class:`SpeechDecoder`, :func:`encode` - the speech code itself.
 """
 
+from pipecat_resilient.testing.assemblyai import AssemblyAIEmulator
 from pipecat_resilient.testing.cartesia import CartesiaEmulator
+from pipecat_resilient.testing.deepgram_stt import DeepgramSTTEmulator
 from pipecat_resilient.testing.elevenlabs import ElevenLabsEmulator
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
 from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
@@ -38,10 +45,14 @@ from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenari
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
 from pipecat_resilient.testing.openai_realtime import OpenAIRealtimeEmulator
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
+from pipecat_resilient.testing.stt_harness import Caller, STTScenario
 
 __all__ = [
+    "AssemblyAIEmulator",
+    "Caller",
     "CartesiaEmulator",
     "ChatToolCall",
+    "DeepgramSTTEmulator",
     "DeepgramTTSEmulator",
     "ElevenLabsEmulator",
     "Fault",
@@ -53,6 +64,7 @@ __all__ = [
     "OpenAIEmulator",
     "OpenAIRealtimeEmulator",
     "Scenario",
+    "STTScenario",
     "SessionScenario",
     "Silent",
     "SpeechDecoder",

@@ -38,6 +38,7 @@ from pipecat.frames.frames import (
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     MetricsFrame,
+    ServiceMetadataFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
@@ -88,6 +89,7 @@ class Listener(FrameProcessor):
         self.first_audio_at: float | None = None
         self.audio_times: list[tuple[float, int]] = []
         self.metrics: list[MetricsFrame] = []
+        self.service_metadata: list[ServiceMetadataFrame] = []
         self._changed = asyncio.Condition()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -129,6 +131,8 @@ class Listener(FrameProcessor):
             self.marks.append(_Mark("interruption", now))
         elif isinstance(frame, MetricsFrame):
             self.metrics.append(frame)
+        elif isinstance(frame, ServiceMetadataFrame):
+            self.service_metadata.append(frame)
 
     @property
     def heard(self) -> list[str]:
