@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,7 +35,7 @@ from websockets.protocol import State as SocketState
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception
 from pipecat_resilient.policy import RetryPolicy
 
-__all__ = ["Episode", "Host", "Hosted", "HostedState", "Port"]
+__all__ = ["Episode", "Host", "Hosted", "HostedState", "Port", "ReusedInstance"]
 
 S = TypeVar("S", bound=FrameProcessor)
 
@@ -44,6 +45,10 @@ RETIRE_TIMEOUT_S = 10.0
 # A replacement that has been up this long without failing ends the recovery
 # episode, even if it had nothing to say (Pipecat's quick-failure window).
 STABLE_AFTER_S = 5.0
+
+
+class ReusedInstance(Exception):
+    """The factory returned an instance it had returned before (a cache, a shared object)."""
 
 
 class Port(FrameProcessor):
@@ -186,17 +191,21 @@ class Host(Generic[S]):
         self._prepare = prepare
         self._retiring: set[asyncio.Task[None]] = set()
         self._made = 0
+        # Every instance the factory ever returned: a dead one handed back
+        # again could never be connected afresh.
+        self._seen: weakref.WeakSet[S] = weakref.WeakSet()
         self.all: list[Hosted[S]] = []
         # Build the first instance now, so a factory that raises, returns the
         # wrong thing or returns the same object twice fails at construction
         # rather than in the middle of a call.
         first = self._call_factory(construction=True)
-        second = self._call_factory(construction=True)
-        if second is first:
+        try:
+            self._call_factory(construction=True)
+        except ReusedInstance:
             raise ValueError(
                 f"{type(owner).__name__}: factory returned the same {type(first).__name__} twice; "
                 "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
-            )
+            ) from None
         self.first: Hosted[S] = self._host(first)
 
     # -- making ----------------------------------------------------------------
@@ -215,6 +224,12 @@ class Host(Generic[S]):
                 f"{type(self._owner).__name__}: factory must return a {self._expected.__name__}, "
                 f"got {type(service).__name__}"
             )
+        if service in self._seen:
+            raise ReusedInstance(
+                f"the factory returned a {type(service).__name__} it had returned before; it must build "
+                "a new instance on every call (e.g. `lambda: Service(...)`)"
+            )
+        self._seen.add(service)
         return service
 
     def make(self) -> Hosted[S]:

@@ -51,7 +51,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.utils.errors import ErrorCategory
 
-from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, now
+from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, ReusedInstance, now
 from pipecat_resilient.errors import ReplayFailed
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.ledger import State
@@ -571,45 +571,65 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         if self._episode is None:
             self._episode = Episode(self._retry, started=now(), rng=self._rng)
         episode = self._episode
-        reason = episode.record(failure) if failure is not None else None
-        while reason is None:
-            wait = episode.next_wait(now())
-            if wait is None:
-                over = episode.attempts >= self._retry.attempts
-                reason = "attempts exhausted" if over else "recovery deadline passed"
-                break
-            if wait > 0:
-                await asyncio.sleep(wait)
-            episode.attempts += 1
-            hosted, attempt_failure = await self._connect_once()
-            if hosted is not None:
-                await self._go_live(hosted, episode, failure)
-                return
-            assert attempt_failure is not None
-            logger.warning(
-                f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
-            )
-            reason = episode.record(attempt_failure)
+        try:
+            reason = episode.record(failure) if failure is not None else None
+            while reason is None:
+                wait = episode.next_wait(now())
+                if wait is None:
+                    over = episode.attempts >= self._retry.attempts
+                    reason = "attempts exhausted" if over else "recovery deadline passed"
+                    break
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                episode.attempts += 1
+                hosted, attempt_failure = await self._connect_once(episode.deadline())
+                if hosted is not None:
+                    await self._go_live(hosted, episode, failure)
+                    return
+                assert attempt_failure is not None
+                logger.warning(
+                    f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
+                )
+                reason = episode.record(attempt_failure)
+        except Exception as exc:
+            # A bug here must not leave the processor recovering forever with
+            # an EndFrame stuck behind it: give up, once, and say so, and tear
+            # down whatever the failed attempt had connected.
+            logger.exception(f"{self}: recovery failed unexpectedly")
+            reason = f"unexpected {type(exc).__name__} in recovery"
+            for hosted in list(self._host.all):
+                if hosted.state is HostedState.CONNECTING:
+                    self._host.retire(hosted)
         await self._give_up(reason, episode)
 
-    async def _connect_once(self) -> tuple[Hosted[S] | None, Failure | None]:
+    async def _connect_once(self, deadline: float | None = None) -> tuple[Hosted[S] | None, Failure | None]:
+        """Make, set up and start a fresh instance, all within ``attempt_timeout`` and ``deadline``."""
         assert self._setup_data is not None and self._start_frame is not None
         try:
             hosted = self._host.make()
-        except TypeError as exc:
+        except (TypeError, ReusedInstance) as exc:
             return None, Failure(Verdict.PERMANENT, "application", f"factory: {exc}")
         except Exception as exc:
             return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
-        timeout = self._retry.attempt_timeout
-        self._before_connect(hosted)
-        unapplied = await self._preconfigure(hosted)
-        failure = await self._host.set_up(hosted, self._setup_data, timeout)
-        if failure is None:
-            failure = await self._host.start(hosted, self._start_frame, timeout)
-        if failure is None:
-            failure = await self._set_up_settings(hosted, unapplied, timeout)
-        if failure is None:
-            failure = await self._connected(hosted)
+        limit = self._retry.attempt_timeout
+        if deadline is not None:
+            limit = min(limit, deadline - now()) if limit is not None else deadline - now()
+        loop = asyncio.get_running_loop()
+        failure: Failure | None
+        try:
+            async with asyncio.timeout_at(None if limit is None else loop.time() + max(0.0, limit)):
+                self._before_connect(hosted)
+                unapplied = await self._preconfigure(hosted)
+                failure = await self._host.set_up(hosted, self._setup_data, None)
+                if failure is None:
+                    failure = await self._host.start(hosted, self._start_frame, None)
+                if failure is None:
+                    failure = await self._set_up_settings(hosted, unapplied, None)
+                if failure is None:
+                    failure = await self._connected(hosted)
+        except TimeoutError:
+            assert limit is not None
+            failure = Failure(Verdict.TRANSIENT, "connectivity", f"connecting took more than {limit:.3g}s")
         if failure is not None:
             self._host.retire(hosted)
             return None, failure

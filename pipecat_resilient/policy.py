@@ -93,11 +93,13 @@ class RetryPolicy:
         Returns:
             ``min(wait_max, wait_initial * wait_exp_base ** (failures - 1))``.
         """
-        if failures < 1:
+        if failures < 1 or self.wait_initial == 0:
             return 0.0
-        # Cap the exponent so a long recovery cannot overflow the float.
-        exponent = min(failures - 1, 64)
-        return min(self.wait_max, self.wait_initial * self.wait_exp_base**exponent)
+        # Compared in logarithms, so no base, exponent or attempt count can
+        # overflow: past the cap the bound is the cap.
+        if (failures - 1) * math.log(self.wait_exp_base) >= math.log(self.wait_max / self.wait_initial):
+            return float(self.wait_max)
+        return float(min(self.wait_max, self.wait_initial * self.wait_exp_base ** (failures - 1)))
 
 
 CONTINUE_INSTRUCTION = (
@@ -174,7 +176,12 @@ def backoff(policy: RetryPolicy, rng: random.Random | None = None) -> Iterator[f
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _positive(value: object) -> bool:

@@ -254,6 +254,7 @@ class ResilientRealtimeLLM(ResilientLLM):
             hosted.asked_to_answer = answer
             await service.queue_frame(LLMContextFrame(context))
         try:
+            # Bounded by the attempt's own deadline as well (the caller's).
             async with asyncio.timeout(self._retry.attempt_timeout):
                 await hosted.ready.wait()
                 while not hosted.failures and not _gemini.is_ready(service):

@@ -410,7 +410,7 @@ async def test_a_text_transformer_added_to_the_tts(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_tts_events_fire_with_the_processor(kind: str) -> None:
-    """``on_connection_error``, ``on_connected`` and ``on_tts_request`` fire, with the processor as argument."""
+    """``on_connection_error``, ``on_connected``, ``on_tts_request`` fire, with the processor as argument."""
     async with ElevenLabsEmulator(plan=FaultPlan(Fault.refuse(503))) as emulator:
         tts = make_tts(kind, emulator)
         seen = events(tts, "on_connection_error", "on_connected", "on_tts_request")
@@ -644,3 +644,69 @@ async def test_llm_settings_survive_a_drop() -> None:
             await run.wait_until(lambda: run.responses_ended == 2, 50 * UNIT)
         assert [r.body.get("model") for r in emu.requests][1:] == ["gpt-test-2", "gpt-test-2"]
         assert run.errors == []
+
+
+# ----------------------------------------------------------------------
+# Speech-to-speech (Gemini Live)
+# ----------------------------------------------------------------------
+
+
+def make_live(kind: str, emulator: Any) -> LLMService:
+    """A Gemini Live LLM as a bot builds it: the stock service, or the wrapper around it."""
+    from pipecat.services.google.gemini_live.llm import GeminiLiveLLMService
+
+    from .test_emulator_gemini_live import MODEL
+
+    def factory() -> GeminiLiveLLMService:
+        return GeminiLiveLLMService(
+            api_key="test-key",
+            http_options=emulator.http_options(),
+            settings=GeminiLiveLLMService.Settings(model=MODEL),
+        )
+
+    if kind == "stock":
+        return factory()
+    return ResilientLLM(factory, retry=NO_WAIT, first_token_timeout=1.0, stall_timeout=1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_gemini_live_function_registered_on_the_llm(kind: str) -> None:
+    """Gemini Live: a function registered after construction runs, its result is answered, events fire."""
+    from pipecat_resilient.testing import GeminiLiveEmulator, SessionScenario, ToolCall
+
+    reply = "It is sunny in Paris today."
+    script = {"What is the weather?": ToolCall("get_weather", {"city": "Paris"}, reply=reply)}
+    async with GeminiLiveEmulator(script=script, bundle_transcription=True) as emulator:
+        llm = make_live(kind, emulator)
+        calls: list[dict[str, Any]] = []
+
+        async def get_weather(params: FunctionCallParams) -> None:
+            calls.append(dict(params.arguments))
+            await params.result_callback({"conditions": "sunny"})
+
+        llm.register_function("get_weather", get_weather)
+        seen = events(llm, "on_function_calls_started")
+        async with SessionScenario(llm, emulator.samples_per_char(), context=LLMContext(tools=TOOLS)) as run:
+            await run.start_conversation("What is the weather?")
+            await run.wait_until(lambda: run.listener.responses_ended == 1, 50 * UNIT)
+        assert calls == [{"city": "Paris"}]
+        assert run.listener.heard == words(reply)
+        [response] = emulator.function_responses()
+        assert response["name"] == "get_weather"
+        [(processor, function_calls)] = seen["on_function_calls_started"]
+        assert processor is llm and [c.function_name for c in function_calls] == ["get_weather"]
+        assert isinstance(llm, LLMService) and llm.settings.model is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_gemini_live_metadata_says_it_is_realtime(kind: str) -> None:
+    """The metadata frame reaching the aggregators names the processor and says it is speech-to-speech."""
+    from pipecat_resilient.testing import GeminiLiveEmulator, SessionScenario
+
+    async with GeminiLiveEmulator() as emulator:
+        llm = make_live(kind, emulator)
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation("Hello.")
+            await run.wait_until(lambda: run.listener.responses_ended == 1, 50 * UNIT)
+        [metadata] = [m for m in run.listener.service_metadata if isinstance(m, LLMServiceMetadataFrame)]
+        assert metadata.service_name == llm.name and metadata.is_realtime_service

@@ -34,6 +34,7 @@ class ConnectionRecord:
         index: The connection's number (0-based, in handshake order).
         path: The request path and query.
         refused: The HTTP status it was refused with, if it was.
+        hung: Whether its handshake was never answered (a HANG fault).
         texts: Text messages received, as ``(context_id, text)``.
         messages: Every parsed message received, in order.
         audio_chunks: Audio messages sent.
@@ -50,6 +51,7 @@ class ConnectionRecord:
     index: int
     path: str = ""
     refused: int | None = None
+    hung: bool = False
     texts: list[tuple[str | None, str]] = field(default_factory=list)
     messages: list[Any] = field(default_factory=list)
     audio_chunks: int = 0
@@ -100,7 +102,7 @@ class ConnectionState:
         self._timers: list[asyncio.Task[None]] = []
         self._fired: set[int] = set()
         for fault in emulator.plan.for_connection(record.index):
-            if fault.kind is not FaultKind.REFUSE:
+            if fault.kind not in (FaultKind.REFUSE, FaultKind.HANG):
                 self._armed.append(_Armed(fault))
 
     @property
@@ -270,6 +272,7 @@ class WebsocketEmulator:
         self._records: dict[int, ConnectionRecord] = {}
         self._pending: list[Fault] = []
         self._pending_refusals: list[Fault] = []
+        self._pending_hangs: list[Fault] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Condition()
 
@@ -281,7 +284,7 @@ class WebsocketEmulator:
             self._handle,
             "127.0.0.1",
             0,
-            process_request=self._process_request,
+            process_request=self._handshake,
             ssl=self._ssl,
             ping_interval=None,
             max_size=None,
@@ -348,10 +351,13 @@ class WebsocketEmulator:
             fault: The fault (its ``connection`` field is ignored).
             on: ``"current"`` for the newest open connection (or the next one
                 if none is open), ``"next"`` for the next connection to open.
-                A refusal always applies to the next handshake.
+                A refusal or a hang always applies to the next handshake.
         """
         if fault.kind is FaultKind.REFUSE:
             self._pending_refusals.append(fault)
+            return
+        if fault.kind is FaultKind.HANG:
+            self._pending_hangs.append(fault)
             return
         states = [s for s in self._states if not s.record.closed and not s.faulted.is_set()]
         if on == "current" and states:
@@ -368,6 +374,7 @@ class WebsocketEmulator:
         """
         self._pending.clear()
         self._pending_refusals.clear()
+        self._pending_hangs.clear()
         for state in self._states:
             state.disarm()
 
@@ -377,6 +384,16 @@ class WebsocketEmulator:
             await asyncio.wait_for(self._connected.wait_for(lambda: len(self.connections) >= count), timeout)
 
     # -- handshake ---------------------------------------------------------
+
+    async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = self._process_request(connection, request)
+        record = self.connections[-1]
+        hang = self.plan.hangs(record.index) or (self._pending_hangs and self._pending_hangs.pop(0))
+        if response is None and hang:
+            # Never answered: the client waits for its own timeout.
+            record.hung = True
+            await asyncio.Event().wait()
+        return response
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         record = ConnectionRecord(index=len(self.connections), path=request.path)

@@ -24,6 +24,9 @@ Actions:
 * ``stall()``: go half-open - stop reading and stop sending, keep the socket
   open, answer nothing (not even pings);
 * ``refuse(status, headers)``: answer the handshake with an HTTP status;
+* ``hang()``: never answer the handshake (the TCP connection is accepted, the
+  upgrade never completes: a provider whose edge takes connections it cannot
+  serve);
 * ``delay_first_audio(seconds)``: wait before the first audio of every
   message (a slow provider, not a failure);
 * ``go_away(time_left)``: for protocols that announce a close (Gemini Live);
@@ -51,6 +54,7 @@ class FaultKind(Enum):
     DELAY_FIRST_AUDIO = "delay_first_audio"
     GO_AWAY = "go_away"
     ERROR = "error"
+    HANG = "hang"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,11 @@ class Fault:
         return cls(FaultKind.REFUSE, connection, status=status, headers=dict(headers or {}), reason=reason)
 
     @classmethod
+    def hang(cls, *, connection: int | None = 0) -> Fault:
+        """Never answer the handshake of ``connection`` (None: of every connection)."""
+        return cls(FaultKind.HANG, connection)
+
+    @classmethod
     def delay_first_audio(cls, seconds: float, *, connection: int | None = 0) -> Fault:
         """Wait ``seconds`` before the first audio of each message."""
         return cls(FaultKind.DELAY_FIRST_AUDIO, connection, seconds=seconds)
@@ -277,6 +286,10 @@ class FaultPlan:
     def refusal(self, connection: int) -> Fault | None:
         """The handshake refusal planned for ``connection``, if any."""
         return next((f for f in self.for_connection(connection) if f.kind is FaultKind.REFUSE), None)
+
+    def hangs(self, connection: int) -> bool:
+        """Whether the handshake of ``connection`` is never to be answered."""
+        return any(f.kind is FaultKind.HANG for f in self.for_connection(connection))
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._faults)
