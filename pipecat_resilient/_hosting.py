@@ -107,12 +107,16 @@ class Hosted(Generic[S]):
     stopping: bool = False
     live_since: float | None = None
     produced: bool = False  # made progress (audio, text) since going live
-    word_timestamps: bool = False  # reports word timings after their audio
+    # Provider contexts that were handed text through this instance (its own
+    # word frames for them are replaced by the shell's).
+    tracked_contexts: set[str] = field(default_factory=set)
+    # Contexts the provider reported an error for (their stop is not an end).
+    failed_contexts: set[str] = field(default_factory=set)
+    failed_all: bool = False
     # Set once a failed instance has pushed out what it had received.
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # its received audio is out
     drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
     drain_marker: int | None = None
-    last_audio_context: str | None = None
     # Sessions (speech-to-speech): set once the session takes input, or fails.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resumes: bool = False

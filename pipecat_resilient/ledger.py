@@ -16,10 +16,17 @@ Vocabulary:
 * The *journal* is everything accepted and not yet settled, in the order it was
   accepted: the start, text and end *pieces* of utterances, and *passthrough*
   frames (anything else the service must pass on in order).
-* *Voiced* text is text whose audio is known to have gone downstream: words
-  reported with word timings after their audio, and all of a context once the
-  provider said it was final. A ``TTSTextFrame`` alone is not evidence: Pipecat
-  force-completes unspoken text into one when a context ends.
+* *Voiced* text is text whose audio is known to have gone downstream. The
+  evidence is audio *time* (:mod:`pipecat_resilient._timeline`): the seconds of
+  each context's audio pushed downstream, against the word timings the provider
+  reported (in whatever grouping and order they came), with an estimate from
+  the session's speaking rate past the last timing; and all of a context once
+  the provider said it was final and its audio went out. A ``TTSTextFrame`` is
+  not evidence: Pipecat force-completes unspoken text into one when a context
+  ends, and pushes a provider's timings when they arrive, before or after the
+  audio they describe.
+* The *context text* is what the shell tells the LLM context the listener heard:
+  exactly the voiced text, in order (:meth:`Ledger.context_text`).
 * An utterance is *settled* once nothing about it can change any more: its
   closing frame came out of the service, or its context was reported final.
 * A *settings update* takes effect at an utterance boundary: one accepted while
@@ -37,15 +44,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pipecat_resilient._timeline import SpeakingRate, Text, Timeline
 from pipecat_resilient.errors import InvalidState
 
 __all__ = ["Action", "ActionKind", "Ledger", "State", "Utterance", "UtteranceKind"]
 
-# How far past the voiced cursor a word reported by the provider may be found.
-# Word frames carry the text as written, so normally only whitespace separates
-# the cursor from the next word; the slack covers punctuation a text transform
-# removed before synthesis.
-_MATCH_WINDOW_CHARS = 64
+# The estimate of what audio covered, for a context with no word timings to
+# correct it, assumes speech this much slower than measured (plus the
+# measured spread): a word said twice rather than one skipped.
+NO_TIMINGS_MARGIN = 0.05
+
+# A context with word timings owes audio (its provider is stalled, when none
+# comes) once its handed text's audio, at the fastest plausible rate, is this
+# many seconds ahead of what arrived.
+OWED_SLACK_S = 0.3
 
 
 class State(Enum):
@@ -82,7 +94,9 @@ class Utterance:
     Attributes:
         kind: Turn or speak.
         text: All text accepted for it so far.
-        voiced: How many characters of :attr:`text` are known to be heard.
+        voiced: How many characters of :attr:`text` are known to be heard (the
+            end of a whole word).
+        emitted: How many characters of :attr:`text` went to the context.
         closed: Whether all its text has been accepted (end of turn seen).
         settled: Whether nothing about it can change any more.
         source: The frame that opened it (opaque to the ledger).
@@ -97,8 +111,8 @@ class Utterance:
     source: object = None
     interruptible: bool = True
     push_aggregation: bool = False
-    text: str = ""
     voiced: int = 0
+    emitted: int = 0
     closed: bool = False
     settled: bool = False
     downstream_context: str | None = None
@@ -107,18 +121,28 @@ class Utterance:
     # Set once the current instance has processed the closing frame: all text
     # has been handed to the provider, so a final signal is due.
     flushed: bool = False
-    # Per-instance evidence, reset when the connection is lost.
-    handed_words: int = 0
-    voiced_words: int = 0
-    had_audio: bool = False
+    # Per-instance evidence, reset when the connection is lost: one timeline
+    # per provider context it was handed to.
+    timelines: list[Timeline] = field(default_factory=list)
     stopped: bool = False
     # Whether a started frame for it went downstream from an instance that
     # has since been lost (so a replay must not open it again).
     started_before_loss: bool = False
+    body: Text = field(default_factory=Text, repr=False)
+
+    @property
+    def text(self) -> str:
+        """All text accepted for it so far."""
+        return str(self.body)
+
+    @property
+    def length(self) -> int:
+        """Characters accepted so far."""
+        return len(self.body)
 
     def remainder(self) -> str:
         """Text not yet known to be heard, from the first unvoiced word."""
-        return self.text[_next_word_start(self.text, self.voiced) :]
+        return self.body.slice(self.body.next_word_start(self.voiced), len(self.body))
 
 
 class ActionKind(Enum):
@@ -194,13 +218,15 @@ class _Liveness:
 
     pending_since: float | None = None  # earliest handing not followed by audio
     last_activity: float | None = None  # last handing or audio
-    word_timestamps: bool = True
 
 
 @dataclass
 class _Journal:
     pieces: deque[_Piece] = field(default_factory=deque)
     by_frame: dict[int, _Piece] = field(default_factory=dict)
+    # The pieces not fed yet, in order: the feed cursor (so feeding does not
+    # walk the whole journal on every frame).
+    unfed: deque[_Piece] = field(default_factory=deque)
 
 
 class Ledger:
@@ -217,8 +243,8 @@ class Ledger:
         for action in ledger.to_feed():
             ...  # feed the service
         ledger.text_handed(u, "ctx-1", "Hello world.", now=0.0)
-        ledger.audio_received("ctx-1", now=0.3)
-        ledger.words_voiced("ctx-1", "Hello")
+        ledger.words_timed("ctx-1", [("Hello", 0.0, 0.5), ("world.", 0.6, 1.2)])
+        ledger.audio_pushed("ctx-1", 0.55, now=0.3)   # "Hello" is heard
         ledger.connection_lost(now=0.4)
         ledger.connection_restored()
         [action] = ledger.to_feed()   # SPEAK "world."
@@ -236,8 +262,11 @@ class Ledger:
         self.state = State.LIVE
         self._journal = _Journal()
         self._open_turn: Utterance | None = None
-        self._contexts: dict[str, Utterance] = {}
+        self._contexts: dict[str, tuple[Utterance, Timeline]] = {}
         self._liveness = _Liveness()
+        # Seconds of audio per character, over the whole session: drops do
+        # not make the provider speak faster.
+        self._rate = SpeakingRate()
         # Settings updates accepted while a turn was open, for after its end.
         self._deferred: list[object] = []
         self._blocked = False
@@ -260,15 +289,15 @@ class Ledger:
         if utterance is None:
             utterance = Utterance(UtteranceKind.TURN, source=source, interruptible=interruptible)
             self._open_turn = utterance
-        begin = len(utterance.text)
-        utterance.text += text
+        begin = utterance.length
+        utterance.body.append(text)
         self._append(
             _Piece(
                 _PieceKind.TEXT,
                 utterance,
                 source,
                 begin=begin,
-                end=len(utterance.text),
+                end=utterance.length,
                 interruptible=interruptible,
             )
         )
@@ -305,8 +334,8 @@ class Ledger:
             source=frame,
             interruptible=interruptible,
             push_aggregation=push_aggregation,
-            text=text,
             closed=True,
+            body=Text(text),
         )
         self._append(_Piece(_PieceKind.SPEAK, utterance, frame, interruptible=interruptible))
         return utterance
@@ -377,10 +406,12 @@ class Ledger:
                 utterance.settled = True
                 dropped.append(utterance)
         self._journal.pieces = kept
+        still = {id(piece) for piece in kept}
+        self._journal.unfed = deque(piece for piece in self._journal.unfed if id(piece) in still)
         if self._open_turn is not None and self._open_turn.interruptible:
             self._open_turn = None
             self._flush_deferred()
-        for context_id, utterance in list(self._contexts.items()):
+        for context_id, (utterance, _) in list(self._contexts.items()):
             if utterance.settled:
                 del self._contexts[context_id]
         self._trim()
@@ -403,8 +434,17 @@ class Ledger:
         """
         self._require(State.LIVE, "text handed")
         if utterance is not None and not utterance.settled:
-            self._contexts[context_id] = utterance
-            utterance.handed_words += len(text.split())
+            entry = self._contexts.get(context_id)
+            if entry is None or entry[0] is not utterance:
+                # Its speech in this context starts where its text handed to
+                # this instance so far ends.
+                last = utterance.timelines[-1] if utterance.timelines else None
+                body = utterance.body
+                base = last.handed_end if last is not None else body.next_word_start(utterance.fed_from)
+                entry = (utterance, Timeline(utterance.body, base))
+                utterance.timelines.append(entry[1])
+                self._contexts[context_id] = entry
+            entry[1].handed(len(text.split()))
             utterance.stopped = False
         liveness = self._liveness
         if liveness.pending_since is None:
@@ -420,82 +460,104 @@ class Ledger:
         if not utterance.settled:
             utterance.flushed = True
 
-    def audio_received(self, context_id: str | None, *, now: float) -> Utterance | None:
-        """Audio for ``context_id`` came out of the live instance.
+    def audio_pushed(self, context_id: str | None, seconds: float, *, now: float) -> Utterance | None:
+        """``seconds`` of audio for ``context_id`` went downstream from the instance.
+
+        Counted whether the instance is live or being drained after a failure
+        (what it had received is heard either way).
 
         Returns:
-            The utterance it belongs to, if known.
+            The utterance whose voiced text moved on (its new text is due to
+            the context: :meth:`context_text`), or None.
         """
         liveness = self._liveness
         liveness.pending_since = None
         liveness.last_activity = now
-        utterance = self._contexts.get(context_id) if context_id else None
-        if utterance is not None:
-            utterance.had_audio = True
-        return utterance
+        entry = self._contexts.get(context_id) if context_id else None
+        if entry is None:
+            return None
+        entry[1].audio(seconds)
+        return entry[0] if self._update_voiced(entry[0]) else None
 
-    def words_voiced(self, context_id: str | None, text: str) -> int:
-        """Words with timings came out of the live instance after their audio.
+    def words_timed(
+        self,
+        context_id: str | None,
+        words: list[tuple[str, float, float | None]],
+        *,
+        last_partial: bool = False,
+    ) -> Utterance | None:
+        """The provider timed words of ``context_id`` (sent before or after their audio, in any grouping).
 
-        Only call this for services that report word timings; the words must
-        follow audio of the same context.
-
-        Returns:
-            How many characters the voiced cursor advanced.
-        """
-        utterance = self._contexts.get(context_id) if context_id else None
-        if utterance is None or utterance.settled or not utterance.had_audio:
-            return 0
-        before = utterance.voiced
-        count = 0
-        for word in text.split():
-            position = _find_word(utterance.text, word, utterance.voiced)
-            if position is None:
-                break
-            utterance.voiced = position + len(word)
-            count += 1
-        utterance.voiced_words += count
-        return utterance.voiced - before
-
-    def next_word_voiced(self, context_id: str | None, word: str) -> bool:
-        """The next unvoiced word of the context was heard in full, though no timing said so.
-
-        Providers time a word only once the character after it arrives, so
-        the last word before a drop has audio but no timing. When the failed
-        instance shows that word's characters all arrived (its pending
-        partial word is the whole word), the shell reports it here.
+        Args:
+            context_id: The provider context.
+            words: ``(word, start, end)`` in seconds from the context's audio
+                start, in order; ``end`` None when only starts are given.
+            last_partial: The last entry is the beginning of a word whose
+                audio is still arriving (``end`` is where that audio ends).
 
         Returns:
-            True when ``word`` is exactly the next unvoiced word (and is now voiced).
+            The utterance whose voiced text moved on, or None.
         """
-        utterance = self._contexts.get(context_id) if context_id else None
-        if utterance is None or utterance.settled or not utterance.had_audio or not word:
-            return False
-        start = _next_word_start(utterance.text, utterance.voiced)
-        end = start + len(word)
-        whole = end == len(utterance.text) or utterance.text[end].isspace()
-        if utterance.text[start:end] != word or not whole:
-            return False
-        utterance.voiced = end
-        utterance.voiced_words += 1
-        return True
+        entry = self._contexts.get(context_id) if context_id else None
+        if entry is None or entry[0].settled:
+            return None
+        entry[1].timed_words(words, self._rate, last_partial=last_partial)
+        return entry[0] if self._update_voiced(entry[0]) else None
 
     def context_stopped(self, context_id: str | None) -> Utterance | None:
-        """The provider reported ``context_id`` final, after all its audio.
+        """The provider reported ``context_id`` final, and all its audio went downstream.
 
         Returns:
             The utterance it belongs to, if known.
         """
-        utterance = self._contexts.pop(context_id, None) if context_id else None
-        if utterance is None:
+        entry = self._contexts.pop(context_id, None) if context_id else None
+        if entry is None:
             return None
+        utterance, timeline = entry
         utterance.stopped = True
+        timeline.final = True
+        if not timeline.timed and timeline.audio_s > 0:
+            # A provider without word timings teaches the rate here.
+            self._rate.add(timeline.audio_s, timeline.handed_end - timeline.base)
+        self._update_voiced(utterance)
         if utterance.flushed:
             # Everything was handed over and all of it was synthesized.
-            utterance.voiced = len(utterance.text)
+            utterance.voiced = utterance.length
             if utterance.kind is UtteranceKind.SPEAK:
                 self._settle(utterance)
         return utterance
+
+    def context_text(self, utterance: Utterance) -> str:
+        """The utterance's voiced text not yet given to the context; now counted as given.
+
+        The shell turns it into ``TTSTextFrame`` s: the context hears of a word
+        only once its audio went downstream.
+        """
+        if utterance.voiced <= utterance.emitted:
+            return ""
+        text = utterance.body.slice(utterance.emitted, utterance.voiced)
+        utterance.emitted = utterance.voiced
+        return text
+
+    def pending_context_text(self) -> list[tuple[Utterance, str]]:
+        """Every unsettled utterance's voiced text not yet given to the context (after a drain)."""
+        due = []
+        for utterance in self._unsettled_utterances():
+            text = self.context_text(utterance)
+            if text.strip():
+                due.append((utterance, text))
+        return due
+
+    def _update_voiced(self, utterance: Utterance) -> bool:
+        """Move the utterance's voiced cursor to what its timelines show; True if it moved."""
+        best = utterance.voiced
+        for timeline in utterance.timelines:
+            margin = 0.0 if timeline.timed else NO_TIMINGS_MARGIN
+            best = max(best, timeline.voiced_end(self._rate, margin=margin))
+        if best <= utterance.voiced:
+            return False
+        utterance.voiced = best
+        return True
 
     def frame_emerged(self, frame: object) -> bool:
         """A journaled frame came out of the live instance.
@@ -525,7 +587,8 @@ class Ledger:
 
     def utterance_for(self, context_id: str | None) -> Utterance | None:
         """The utterance a provider context id belongs to, if known."""
-        return self._contexts.get(context_id) if context_id else None
+        entry = self._contexts.get(context_id) if context_id else None
+        return entry[0] if entry is not None else None
 
     # ------------------------------------------------------------------
     # Inputs: connection changes.
@@ -541,38 +604,29 @@ class Ledger:
         """
         self._require(State.LIVE, "connection lost")
         self.state = State.RECOVERING
-        self._liveness = _Liveness(word_timestamps=self._liveness.word_timestamps)
+        self._liveness = _Liveness()
         for piece in self._journal.pieces:
             piece.fed = False
+        self._journal.unfed = deque(piece for piece in self._journal.pieces if not piece.settled)
 
     def drained(self) -> None:
         """The lost instance has pushed out everything it had received; forget its contexts."""
         self._contexts.clear()
         for utterance in self._unsettled_utterances():
             utterance.flushed = False
-            utterance.handed_words = utterance.voiced_words = 0
-            utterance.had_audio = utterance.stopped = False
+            utterance.timelines = []
+            utterance.stopped = False
 
-    def connection_restored(self, *, word_timestamps: bool = True) -> None:
-        """A fresh instance is connected; :meth:`to_feed` now returns the replay.
-
-        Args:
-            word_timestamps: Whether the new instance reports word timings
-                (which lets the stall watchdog tell a finished sentence from a
-                stalled one).
-        """
+    def connection_restored(self) -> None:
+        """A fresh instance is connected; :meth:`to_feed` now returns the replay."""
         self._require(State.RECOVERING, "connection restored")
         if self._contexts:
             self.drained()
         self.state = State.LIVE
-        self._liveness = _Liveness(word_timestamps=word_timestamps)
+        self._liveness = _Liveness()
         for utterance in self._unsettled_utterances():
-            utterance.fed_from = _next_word_start(utterance.text, utterance.voiced)
+            utterance.fed_from = utterance.body.next_word_start(utterance.voiced)
             utterance.started_before_loss = utterance.downstream_context is not None
-
-    def set_word_timestamps(self, word_timestamps: bool) -> None:
-        """Tell the watchdog whether the live instance reports word timings."""
-        self._liveness.word_timestamps = word_timestamps
 
     # ------------------------------------------------------------------
     # Outputs.
@@ -590,15 +644,18 @@ class Ledger:
         if self.state is not State.LIVE:
             return []
         actions: list[Action] = []
-        # A snapshot: settling an utterance trims the journal.
-        for piece in list(self._journal.pieces):
+        unfed = self._journal.unfed
+        while unfed:
+            piece = unfed[0]
             if piece.fed or piece.settled:
+                unfed.popleft()
                 continue
             if piece.waits_for and piece.waiting:
                 # A settings update waits for the boundary, and so does
                 # everything after it.
                 self._blocked = True
                 break
+            unfed.popleft()
             piece.fed = True
             action = self._action_for(piece)
             if action is not None:
@@ -704,16 +761,15 @@ class Ledger:
             if utterance.closed and not utterance.remainder().strip():
                 return None
             return Action(ActionKind.START, utterance)
+        body = utterance.body
         if kind is _PieceKind.TEXT:
             if utterance.fed_from <= piece.begin:
                 # Fed whole: the original frame can go as it is.
-                return Action(
-                    ActionKind.TEXT, utterance, utterance.text[piece.begin : piece.end], piece.frame
-                )
-            text = utterance.text[utterance.fed_from : piece.end]
+                return Action(ActionKind.TEXT, utterance, body.slice(piece.begin, piece.end), piece.frame)
+            text = body.slice(utterance.fed_from, piece.end)
             return Action(ActionKind.TEXT, utterance, text=text) if text else None
         if kind is _PieceKind.SPEAK:
-            text = utterance.text[utterance.fed_from :]
+            text = body.slice(utterance.fed_from, len(body))
             if text.strip():
                 whole = utterance.fed_from == 0
                 return Action(ActionKind.SPEAK, utterance, text=text, frame=piece.frame if whole else None)
@@ -724,7 +780,8 @@ class Ledger:
             return Action(ActionKind.CLOSE, utterance) if close else None
         # END: the closing frame. A turn that started downstream on a lost
         # instance and has nothing left to say is closed first.
-        if utterance.started_before_loss and not utterance.text[utterance.fed_from :].strip():
+        rest = body.slice(utterance.fed_from, len(body))
+        if utterance.started_before_loss and not rest.strip():
             utterance.started_before_loss = False
             return Action(ActionKind.CLOSE, utterance, frame=piece.frame)
         if piece.frame is None:
@@ -733,12 +790,13 @@ class Ledger:
 
     def _append(self, piece: _Piece) -> None:
         self._journal.pieces.append(piece)
+        self._journal.unfed.append(piece)
         if piece.frame is not None and piece.kind in (_PieceKind.START, _PieceKind.END, _PieceKind.FRAME):
             self._journal.by_frame[id(piece.frame)] = piece
 
     def _settle(self, utterance: Utterance) -> None:
         utterance.settled = True
-        for context_id in [c for c, u in self._contexts.items() if u is utterance]:
+        for context_id in [c for c, (u, _) in self._contexts.items() if u is utterance]:
             del self._contexts[context_id]
         self._trim()
 
@@ -768,40 +826,17 @@ class Ledger:
 
     def _expecting_audio(self) -> bool:
         """Whether some utterance handed to the live instance still owes audio."""
-        word_timestamps = self._liveness.word_timestamps
-        for utterance in set(self._contexts.values()):
-            if utterance.settled or utterance.stopped or utterance.handed_words == 0:
+        for utterance, timeline in self._contexts.values():
+            if utterance.settled or utterance.stopped or timeline.handed_words == 0:
                 continue
             if utterance.flushed:
                 return True
-            # With word timings, more than the trailing word of the handed text
-            # still unconfirmed means audio is due. (The last word of a sentence
-            # is confirmed only by the next chunk or the final signal.)
-            if word_timestamps and utterance.handed_words - utterance.voiced_words >= 2:
+            # With word timings, handed text whose audio clearly has not come
+            # means audio is due. (Without them, only the final signal is.)
+            if timeline.owes_audio(self._rate, slack_s=OWED_SLACK_S):
                 return True
         return False
 
     def _require(self, state: State, what: str) -> None:
         if self.state is not state:
             raise InvalidState(f"{what} while {self.state.name.lower()}")
-
-
-def _next_word_start(text: str, position: int) -> int:
-    """The index of the first non-space character at or after ``position``."""
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
-
-
-def _find_word(text: str, word: str, start: int) -> int | None:
-    """Find ``word`` as a whole whitespace-delimited token near ``start``."""
-    limit = _next_word_start(text, start) + _MATCH_WINDOW_CHARS
-    position = text.find(word, start)
-    while 0 <= position <= limit:
-        end = position + len(word)
-        at_start = position == 0 or text[position - 1].isspace()
-        at_end = end == len(text) or text[end].isspace()
-        if at_start and at_end:
-            return position
-        position = text.find(word, position + 1)
-    return None

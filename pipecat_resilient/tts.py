@@ -60,16 +60,19 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from pipecat_resilient._hosting import Episode, Hosted, now
+from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
+from pipecat_resilient.failures import Failure
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
 from pipecat_resilient.policy import RetryPolicy, check_seconds
+from pipecat_resilient.providers import TTSAdapter, WordTiming, tts_adapter_for
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
 
 # How long a failed instance may take to push out the audio it had already
-# received. It is in memory, so this is a safety bound, not a wait.
-DRAIN_TIMEOUT_S = 0.5
+# received, when the retry policy sets no recovery deadline. It is in memory,
+# so this is a safety bound, not a wait.
+DRAIN_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -144,6 +147,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             watchdog_tick=max(0.01, min(first_audio_timeout, stall_timeout) / 5),
             **kwargs,
         )
+        self._adapter: TTSAdapter = tts_adapter_for(self._host.first.service)
         stop_timeout = getattr(self._host.first.service, "_stop_frame_timeout_s", None)
         longest = max(first_audio_timeout, stall_timeout)
         if isinstance(stop_timeout, int | float) and longest >= stop_timeout:
@@ -393,7 +397,6 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
     def _prepare_instance(self, hosted: Hosted[TTSService]) -> None:
         """Hook into a new instance before it is set up."""
         service = hosted.service
-        hosted.word_timestamps = not getattr(service, "_push_text_frames", True)
 
         def before_process(processor: FrameProcessor, frame: Frame) -> None:
             if not isinstance(frame, SystemFrame):
@@ -407,31 +410,38 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
 
         async def run_tts_observed(text: str, context_id: str) -> Any:
             if hosted is self._live and self._ledger.state is State.LIVE:
+                hosted.tracked_contexts.add(context_id)
                 self._ledger.text_handed(hosted.current, context_id, text, now=now())
             async for frame in run_tts(text, context_id):
                 yield frame
 
         service.run_tts = run_tts_observed  # type: ignore[method-assign]
         self._hook_errors(hosted)
-
-    def _instance_live(self, hosted: Hosted[TTSService]) -> None:
-        self._ledger.set_word_timestamps(hosted.word_timestamps)
+        # Word timings, error messages and quiet reconnects, as the provider
+        # reports them (the adapter is built on first use: it is made for the
+        # first instance in __init__).
+        adapter = getattr(self, "_adapter", None) or tts_adapter_for(service)
+        adapter.hook(service, _Sink(self, hosted))
 
     def _restore_journal(self, hosted: Hosted[TTSService]) -> None:
-        self._ledger.connection_restored(word_timestamps=hosted.word_timestamps)
+        self._ledger.connection_restored()
 
     async def _deliver(self, hosted: Hosted[TTSService], frame: Frame) -> None:
         """Record the evidence a frame carries, then pass it downstream."""
         ledger = self._ledger
         ledger.frame_emerged(frame)
         context_id = getattr(frame, "context_id", None)
+        voiced: Utterance | None = None
         if isinstance(frame, TTSAudioRawFrame):
-            ledger.audio_received(context_id, now=now())
-            hosted.last_audio_context = context_id
+            seconds = len(frame.audio) / (2 * frame.sample_rate * max(1, frame.num_channels))
+            voiced = ledger.audio_pushed(context_id, seconds, now=now())
             self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):
-            if hosted.word_timestamps:
-                ledger.words_voiced(context_id, frame.text)
+            if frame.append_to_context and context_id in hosted.tracked_contexts:
+                # Pipecat's word (or sentence) frame: pushed when the provider's
+                # timing arrived, or forced at the context's end, audio or not.
+                # The context hears what the ledger says was heard instead.
+                return
         elif isinstance(frame, TTSStartedFrame):
             utterance = ledger.utterance_for(context_id)
             if utterance is not None and context_id is not None:
@@ -442,18 +452,59 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                     return
                 ledger.started_downstream(utterance, context_id)
         elif isinstance(frame, TTSStoppedFrame):
+            if context_id in hosted.failed_contexts or hosted.failed_all:
+                # The stock service stops a context its provider reported an
+                # error for; that is not the end of the utterance.
+                return
             utterance = ledger.context_stopped(context_id)
             if utterance is not None:
+                await self._emit_context_text(utterance)
                 ledger.stopped_downstream(utterance)
         if context_id is not None and context_id in hosted.rewrite:
             frame.context_id = hosted.rewrite[context_id]  # type: ignore[attr-defined]
         await self.push_frame(frame)
+        if voiced is not None:
+            await self._emit_context_text(voiced)
         if ledger.blocked and hosted is self._live:
             # An utterance settled: a settings update waiting for it may go.
             await self._feed_pending()
 
+    async def _emit_context_text(self, utterance: Utterance) -> None:
+        """Tell the context the words of ``utterance`` whose audio went downstream since the last time."""
+        await self._push_context_words(utterance, self._ledger.context_text(utterance))
+
+    async def _push_context_words(self, utterance: Utterance, text: str) -> None:
+        if not text.strip():
+            return
+        append = getattr(utterance.source, "append_to_context", True) is not False
+        for word in text.split():
+            frame = TTSTextFrame(word, text_type=TextType.WORD)
+            frame.context_id = utterance.downstream_context
+            frame.append_to_context = append
+            await self.push_frame(frame)
+
+    async def _words_timed(
+        self, hosted: Hosted[TTSService], context_id: str | None, words: list[WordTiming], last_partial: bool
+    ) -> None:
+        if hosted.state not in (HostedState.LIVE, HostedState.DRAINING):
+            return
+        utterance = self._ledger.words_timed(context_id, words, last_partial=last_partial)
+        if utterance is not None:
+            await self._emit_context_text(utterance)
+
+    async def _provider_failed(
+        self, hosted: Hosted[TTSService], failure: Failure, context_id: str | None
+    ) -> None:
+        if hosted is not self._live:
+            return
+        if context_id is None:
+            hosted.failed_all = True
+        else:
+            hosted.failed_contexts.add(context_id)
+        await self._lost(hosted, failure)
+
     async def _drain(self, hosted: Hosted[TTSService]) -> None:
-        """Let a failed instance push out the audio it had received, then account for its last word."""
+        """Let a failed instance push out the audio it had received (it counts as heard)."""
         service = hosted.service
         try:
             context_id = service.get_active_audio_context_id()
@@ -461,32 +512,14 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 marker = _DrainMarker()
                 hosted.drain_marker = id(marker)
                 await service.append_to_audio_context(context_id, marker)
-                await asyncio.wait_for(hosted.drained.wait(), DRAIN_TIMEOUT_S)
-            await self._complete_last_word(hosted)
+                await asyncio.wait_for(hosted.drained.wait(), self._retry.timeout or DRAIN_TIMEOUT_S)
         finally:
+            # Voiced by the drained audio and not yet told (normally told as
+            # the audio went out).
+            for utterance, text in self._ledger.pending_context_text():
+                await self._push_context_words(utterance, text)
             if self._ledger.state is State.RECOVERING:
                 self._ledger.drained()
-
-    async def _complete_last_word(self, hosted: Hosted[TTSService]) -> None:
-        """Account for a word whose audio all went out but whose timing never came.
-
-        ElevenLabs-style services time a word only when the character after it
-        arrives, so the last word before a drop - often a sentence's last - is
-        held as a *partial word*. If the failed instance holds exactly the next
-        unheard word, all of its audio was received and has just been drained:
-        it was heard, so it goes into the context and is not replayed.
-        """
-        partial = getattr(hosted.service, "_partial_word", None)
-        context_id = hosted.last_audio_context
-        if not isinstance(partial, str) or not partial or context_id is None:
-            return
-        utterance = self._ledger.utterance_for(context_id)
-        if utterance is None or not self._ledger.next_word_voiced(context_id, partial):
-            return
-        frame = TTSTextFrame(partial, text_type=TextType.WORD)
-        frame.context_id = hosted.rewrite.get(context_id, context_id)
-        frame.append_to_context = getattr(utterance.source, "append_to_context", True) is not False
-        await self.push_frame(frame)
 
     async def _abandon(self, reason: str, episode: Episode) -> Abandoned:
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
@@ -553,3 +586,19 @@ for _name in (
 ):
     setattr(ResilientTTS, _name, _refuse(_name))
 del _name
+
+
+class _Sink:
+    """What an instance's provider adapter reports, for the shell (only while that instance counts)."""
+
+    def __init__(self, owner: ResilientTTS, hosted: Hosted[TTSService]) -> None:
+        self._owner = owner
+        self._hosted = hosted
+
+    async def words_timed(
+        self, context_id: str | None, words: list[WordTiming], *, last_partial: bool
+    ) -> None:
+        await self._owner._words_timed(self._hosted, context_id, words, last_partial)
+
+    async def provider_failed(self, failure: Failure, context_id: str | None) -> None:
+        await self._owner._provider_failed(self._hosted, failure, context_id)

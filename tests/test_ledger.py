@@ -22,8 +22,32 @@ def kinds(actions) -> list[str]:
     return [a.kind.value for a in actions]
 
 
+# The tests' provider speaks each character in 10 ms, spaces included.
+CHAR_S = 0.01
+
+
+def timings(text: str, *, offset: int = 0) -> list[tuple[str, float, float]]:
+    """Word timings of ``text`` as a provider would report them (from the context's start)."""
+    words, position = [], 0
+    for word in text.split():
+        position = text.index(word, position)
+        words.append((word, (position - offset) * CHAR_S, (position - offset + len(word)) * CHAR_S))
+        position += len(word)
+    return words
+
+
+def audio_for(text: str) -> float:
+    """Seconds of audio for ``text``."""
+    return len(text) * CHAR_S
+
+
+def heard(u) -> str:
+    """The text the ledger counts as heard."""
+    return u.text[: u.voiced].rstrip()
+
+
 def test_speak_is_fed_once_then_replayed_from_the_first_unheard_word() -> None:
-    """Word evidence moves the cursor; a loss replays from the next word."""
+    """Audio covering timed words moves the cursor; a loss replays from the next word."""
     ledger = Ledger()
     speak = F("speak")
     u = ledger.speak_accepted(speak, "Hello world, this is a test.")
@@ -31,9 +55,9 @@ def test_speak_is_fed_once_then_replayed_from_the_first_unheard_word() -> None:
     assert action.kind is ActionKind.SPEAK and action.frame is speak and action.text == u.text
     assert ledger.to_feed() == []
     ledger.text_handed(u, "c1", u.text, now=0.0)
-    ledger.audio_received("c1", now=0.1)
-    ledger.words_voiced("c1", "Hello")
-    ledger.words_voiced("c1", "world,")
+    ledger.words_timed("c1", timings(u.text))
+    ledger.audio_pushed("c1", audio_for("Hello world, th"), now=0.1)
+    assert heard(u) == "Hello world,"
     ledger.connection_lost(now=0.2)
     assert ledger.to_feed() == []  # nothing while recovering
     ledger.connection_restored()
@@ -43,25 +67,62 @@ def test_speak_is_fed_once_then_replayed_from_the_first_unheard_word() -> None:
     assert action.frame is None  # a partial replay needs a new frame
 
 
-def test_words_without_audio_are_not_evidence() -> None:
-    """A text frame before any audio (a forced completion) does not count as heard."""
+def test_timings_ahead_of_the_audio_prove_nothing_yet() -> None:
+    """Every word timed before any audio: nothing is heard until the audio reaches each word's end."""
     ledger = Ledger()
     u = ledger.speak_accepted(F(), "one two three")
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
-    assert ledger.words_voiced("c", "one two three") == 0
+    assert ledger.words_timed("c", timings(u.text)) is None
     assert u.voiced == 0
+    ledger.audio_pushed("c", audio_for("one tw"), now=0.0)
+    assert heard(u) == "one"
+    ledger.audio_pushed("c", audio_for("o three"), now=0.0)
+    assert heard(u) == "one two three"
+
+
+def test_audio_ahead_of_its_timings_is_settled_when_they_come() -> None:
+    """Audio for three words and timings for one: the others count once their timings arrive."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "alpha beta gamma delta")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.audio_pushed("c", audio_for("alpha beta gamma "), now=0.0)
+    ledger.words_timed("c", timings(u.text)[:1])
+    # Too few timings to know the speaking rate: only what is timed counts.
+    assert heard(u) == "alpha"
+    assert ledger.words_timed("c", timings(u.text)[1:3]) is u
+    assert heard(u) == "alpha beta gamma"
+
+
+def test_a_word_whose_audio_all_arrived_counts_before_anything_follows_it() -> None:
+    """The last word of a sentence, timed as far as its audio goes (a partial word): whole, so heard."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "Alpha beta gamma. Delta")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    words = timings("Alpha beta gamma.")
+    ledger.words_timed("c", words, last_partial=True)
+    ledger.audio_pushed("c", audio_for("Alpha beta gamma."), now=0.0)
+    assert heard(u) == "Alpha beta gamma."
+    # A partial that is only the start of the word does not make it heard.
+    v = ledger.speak_accepted(F(), "one seven")
+    ledger.to_feed()
+    ledger.text_handed(v, "d", v.text, now=0.0)
+    ledger.words_timed("d", [("one", 0.0, 0.03), ("sev", 0.04, 0.07)], last_partial=True)
+    ledger.audio_pushed("d", audio_for("one sev"), now=0.0)
+    assert heard(v) == "one"
 
 
 def test_unrecognised_words_do_not_move_the_cursor() -> None:
-    """A word not in the text (or far ahead) stops the match; what matched stays."""
+    """A timed word not in the text (or far ahead) anchors nothing; what matched stays."""
     ledger = Ledger()
     u = ledger.speak_accepted(F(), "alpha beta gamma")
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
-    ledger.audio_received("c", now=0.0)
-    ledger.words_voiced("c", "alpha zeta gamma")
-    assert u.text[: u.voiced] == "alpha"
+    ledger.words_timed("c", [("alpha", 0.0, 0.05), ("zeta", 0.06, 0.1)])
+    ledger.audio_pushed("c", audio_for(u.text), now=0.0)
+    assert heard(u) == "alpha"
 
 
 def test_words_match_whole_tokens_only() -> None:
@@ -70,10 +131,68 @@ def test_words_match_whole_tokens_only() -> None:
     u = ledger.speak_accepted(F(), "and a cat")
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
-    ledger.audio_received("c", now=0.0)
-    ledger.words_voiced("c", "and")
-    ledger.words_voiced("c", "a")
-    assert u.text[: u.voiced] == "and a"
+    ledger.words_timed("c", [("and", 0.0, 0.03), ("a", 0.04, 0.05)])
+    ledger.audio_pushed("c", audio_for("and a"), now=0.0)
+    assert heard(u) == "and a"
+
+
+def test_timed_words_match_their_spoken_form() -> None:
+    """A provider timing "hello" for "Hello," (case, punctuation) still anchors it."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "Hello, World!")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.words_timed("c", [("hello", 0.0, 0.06), ("world", 0.07, 0.13)])
+    ledger.audio_pushed("c", 0.065, now=0.0)
+    assert heard(u) == "Hello,"
+
+
+def test_without_timings_the_rate_learned_from_finished_turns_estimates_conservatively() -> None:
+    """No word timings: a finished context teaches the speaking rate, and an estimate never runs ahead."""
+    ledger = Ledger()
+    for index in range(4):
+        done = ledger.speak_accepted(F(), "A finished sentence that teaches the rate.")
+        ledger.to_feed()
+        ledger.text_handed(done, f"d{index}", done.text, now=0.0)
+        ledger.closing_processed(done)
+        ledger.audio_pushed(f"d{index}", audio_for(done.text), now=0.0)
+        ledger.context_stopped(f"d{index}")
+        assert done.settled
+    u = ledger.speak_accepted(F(), "one two three four five six seven eight nine ten")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    truly = "one two three four five six seven eight nine ten el"
+    ledger.audio_pushed("c", audio_for(truly), now=0.0)
+    # The estimate (5% slower than measured) stops short of the truth by a
+    # word or two: said again, never skipped.
+    whole = truly.rsplit(" ", 1)[0]
+    assert whole.startswith(heard(u))
+    assert len(heard(u).split()) >= len(whole.split()) - 2
+
+
+def test_without_timings_or_a_rate_nothing_is_guessed() -> None:
+    """No timings and no measured rate: only the final signal counts."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "one two three")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.audio_pushed("c", audio_for(u.text), now=0.0)
+    assert u.voiced == 0
+
+
+def test_context_text_is_exactly_what_was_heard_once() -> None:
+    """The context gets each heard word once, as it becomes heard, and never a word not yet heard."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "one two three")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.words_timed("c", timings(u.text))
+    assert ledger.context_text(u) == ""
+    ledger.audio_pushed("c", audio_for("one two"), now=0.0)
+    assert ledger.context_text(u) == "one two"
+    assert ledger.context_text(u) == ""
+    ledger.audio_pushed("c", audio_for(" three"), now=0.0)
+    assert ledger.context_text(u) == " three"
 
 
 def test_final_signal_marks_a_flushed_utterance_heard_and_settles_it() -> None:
@@ -83,9 +202,10 @@ def test_final_signal_marks_a_flushed_utterance_heard_and_settles_it() -> None:
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
     ledger.closing_processed(u)
-    ledger.audio_received("c", now=0.1)
+    ledger.audio_pushed("c", 0.05, now=0.1)
     ledger.context_stopped("c")
     assert u.settled and u.voiced == len(u.text)
+    assert ledger.context_text(u) == "Short one."
     assert ledger.in_flight == 0
 
 
@@ -103,8 +223,8 @@ def test_turn_replays_start_remaining_text_and_end_in_order() -> None:
     assert [a.frame for a in actions] == [start, t1, t2, end]
     ledger.frame_emerged(start)
     ledger.text_handed(u, "c", "First sentence.", now=0.0)
-    ledger.audio_received("c", now=0.1)
-    ledger.words_voiced("c", "First")
+    ledger.words_timed("c", timings("First sentence."))
+    ledger.audio_pushed("c", audio_for("First s"), now=0.1)
     ledger.connection_lost(now=0.2)
     ledger.connection_restored()
     actions = ledger.to_feed()
@@ -113,6 +233,24 @@ def test_turn_replays_start_remaining_text_and_end_in_order() -> None:
     assert [a.text for a in actions[1:3]] == ["sentence. ", "Second one."]
     assert actions[3].frame is end
     assert u.kind is UtteranceKind.TURN
+
+
+def test_a_replayed_context_is_timed_from_where_its_speech_begins() -> None:
+    """After a drop, the fresh context's audio starts at the first unheard word."""
+    ledger = Ledger()
+    u = ledger.speak_accepted(F(), "one two three four")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", u.text, now=0.0)
+    ledger.words_timed("c", timings(u.text))
+    ledger.audio_pushed("c", audio_for("one two th"), now=0.0)
+    ledger.connection_lost(now=0.0)
+    ledger.connection_restored()
+    [action] = ledger.to_feed()
+    assert action.text == "three four"
+    ledger.text_handed(u, "d", action.text, now=0.0)
+    ledger.words_timed("d", timings(action.text))
+    ledger.audio_pushed("d", audio_for("three"), now=0.0)
+    assert heard(u) == "one two three"
 
 
 def test_turn_settles_when_its_end_frame_comes_out() -> None:
@@ -193,8 +331,8 @@ def test_spoken_utterance_with_nothing_left_is_closed_downstream() -> None:
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
     ledger.started_downstream(u, "c")
-    ledger.audio_received("c", now=0.0)
-    ledger.words_voiced("c", "Two words")
+    ledger.words_timed("c", timings(u.text))
+    ledger.audio_pushed("c", audio_for(u.text), now=0.0)
     ledger.connection_lost(now=0.1)
     ledger.connection_restored()
     [action] = ledger.to_feed()
@@ -213,8 +351,8 @@ def test_turn_with_nothing_left_closes_before_its_end_frame() -> None:
     ledger.frame_emerged(start)
     ledger.text_handed(u, "c", "All of it.", now=0.0)
     ledger.started_downstream(u, "c")
-    ledger.audio_received("c", now=0.0)
-    ledger.words_voiced("c", "All of it.")
+    ledger.words_timed("c", timings("All of it."))
+    ledger.audio_pushed("c", audio_for("All of it."), now=0.0)
     ledger.connection_lost(now=0.1)
     ledger.connection_restored()
     actions = ledger.to_feed()
@@ -230,23 +368,31 @@ def test_first_audio_watchdog() -> None:
     ledger.text_handed(u, "c", u.text, now=10.0)
     assert ledger.overdue(now=10.9) is None
     assert "no audio" in (ledger.overdue(now=11.1) or "")
-    ledger.audio_received("c", now=11.05)
+    ledger.audio_pushed("c", 0.01, now=11.05)
     assert ledger.overdue(now=11.1) is None
 
 
 def test_stall_watchdog_waits_only_while_audio_is_owed() -> None:
-    """Audio pausing with words still owed is a stall; a finished sentence is not."""
+    """Audio pausing while a timed provider clearly owes more is a stall; a finished sentence is not."""
     ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
-    u = ledger.turn_started(F())
-    ledger.text_accepted("one two three four. ")
+    warm = ledger.speak_accepted(F(), "Warm up the measured speaking rate here.")
     ledger.to_feed()
-    ledger.text_handed(u, "c", "one two three four.", now=0.0)
-    ledger.audio_received("c", now=0.1)
-    ledger.words_voiced("c", "one")
+    ledger.text_handed(warm, "w", warm.text, now=0.0)
+    ledger.closing_processed(warm)
+    ledger.words_timed("w", timings(warm.text))
+    ledger.audio_pushed("w", audio_for(warm.text), now=0.0)
+    ledger.context_stopped("w")
+    u = ledger.turn_started(F())
+    sentence = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen."
+    ledger.text_accepted(sentence + " ")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", sentence, now=0.0)
+    ledger.words_timed("c", timings(sentence))
+    ledger.audio_pushed("c", audio_for("one two"), now=0.1)
     assert ledger.overdue(now=0.5) is None
     assert "stalled" in (ledger.overdue(now=1.2) or "")
-    # All but the trailing word confirmed: the sentence is done, the LLM is slow.
-    ledger.words_voiced("c", "two three")
+    # All of the sentence's audio arrived: it is done, the LLM is slow.
+    ledger.audio_pushed("c", audio_for(sentence) - audio_for("one two"), now=1.3)
     assert ledger.overdue(now=5.0) is None
 
 
@@ -257,8 +403,7 @@ def test_flushed_utterance_owes_a_final_signal() -> None:
     ledger.to_feed()
     ledger.text_handed(u, "c", "Hi", now=0.0)
     ledger.closing_processed(u)
-    ledger.audio_received("c", now=0.1)
-    ledger.words_voiced("c", "Hi")
+    ledger.audio_pushed("c", 0.02, now=0.1)
     assert ledger.overdue(now=1.2) is not None
     ledger.context_stopped("c")
     assert ledger.overdue(now=5.0) is None
@@ -267,12 +412,11 @@ def test_flushed_utterance_owes_a_final_signal() -> None:
 def test_without_word_timestamps_only_pending_and_final_count() -> None:
     """A service without word timings is not declared stalled between sentences."""
     ledger = Ledger(first_audio_timeout=1.0, stall_timeout=1.0)
-    ledger.set_word_timestamps(False)
     u = ledger.turn_started(F())
     ledger.text_accepted("one two three four. ")
     ledger.to_feed()
     ledger.text_handed(u, "c", "one two three four.", now=0.0)
-    ledger.audio_received("c", now=0.1)
+    ledger.audio_pushed("c", 0.05, now=0.1)
     assert ledger.overdue(now=5.0) is None
 
 
@@ -292,11 +436,11 @@ def test_evidence_from_a_draining_instance_counts_for_the_replay() -> None:
     u = ledger.speak_accepted(F(), "one two three four")
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)
-    ledger.audio_received("c", now=0.0)
+    ledger.words_timed("c", timings(u.text))
     ledger.connection_lost(now=0.1)
-    ledger.words_voiced("c", "one two")
+    ledger.audio_pushed("c", audio_for("one two "), now=0.1)
     ledger.drained()
-    assert ledger.words_voiced("c", "three") == 0
+    assert ledger.audio_pushed("c", audio_for("three"), now=0.2) is None
     ledger.connection_restored()
     [action] = ledger.to_feed()
     assert action.text == "three four"
@@ -312,8 +456,8 @@ def test_gave_up_names_the_unheard_text_and_returns_unemerged_frames() -> None:
     ledger.to_feed()
     ledger.frame_emerged(start)
     ledger.text_handed(u, "c", "Heard part.", now=0.0)
-    ledger.audio_received("c", now=0.0)
-    ledger.words_voiced("c", "Heard part.")
+    ledger.words_timed("c", timings("Heard part."))
+    ledger.audio_pushed("c", audio_for("Heard part."), now=0.0)
     ledger.connection_lost(now=0.1)
     unspoken, frames = ledger.gave_up()
     assert unspoken == ["Lost part."]
@@ -354,7 +498,7 @@ def test_memory_follows_what_is_in_flight() -> None:
         ledger.to_feed()
         ledger.frame_emerged(start)
         ledger.text_handed(u, f"c{i}", u.text, now=float(i))
-        ledger.audio_received(f"c{i}", now=float(i))
+        ledger.audio_pushed(f"c{i}", 0.1, now=float(i))
         ledger.frame_emerged(end)
     assert ledger.in_flight == 0
     assert ledger._contexts == {}

@@ -1,0 +1,375 @@
+"""Audio-time evidence of what a listener heard, for the ledger: the text, a context's timeline, the rate.
+
+A word counts as heard when the audio that covers it has gone downstream.
+For one provider context on the live instance, a :class:`Timeline` holds the
+seconds of audio pushed downstream and the *anchors* the provider reported:
+"the audio of the text up to position p ends at t seconds" (a word's start
+time anchors the text before it, its end time the word itself). Anchors may
+arrive before or after the audio they describe, grouped and late; an anchor
+counts only once the audio pushed reaches its time. Past the last anchor the
+position is estimated from the :class:`SpeakingRate` learned in this session,
+conservatively (its spread widens the margin), and always rounded *down* to
+the end of a whole word, so that a word is never counted heard on a guess that
+might be wrong: the worst an estimate does is have a word said again.
+
+:class:`Text` keeps an utterance's text in chunks, so that appending a token and
+reading the few characters around a position cost the same at the end of a
+100,000-token turn as at its start.
+
+Nothing here reads a clock or touches I/O; times are seconds of audio.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections import deque
+from collections.abc import Iterable
+
+__all__ = ["SpeakingRate", "Text", "Timeline"]
+
+# How far past the match cursor a word the provider timed may be found.
+# Word timings carry the text as spoken, so normally only whitespace separates
+# the cursor from the next word; the slack covers words a text transform
+# dropped before synthesis.
+MATCH_WINDOW_CHARS = 64
+
+# Audio times compare with this tolerance (seconds): providers round them.
+_EPSILON_S = 1e-6
+
+# Characters that do not count when a timed word is matched to the text.
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
+class Text:
+    """Append-only text kept in chunks.
+
+    Appending is O(1) amortised and a slice costs O(log n + its length), so
+    per-token work does not grow with the length of the text. ``str(text)``
+    joins the whole (cached until the next append).
+    """
+
+    __slots__ = ("_joined", "_length", "_parts", "_starts")
+
+    def __init__(self, text: str = "") -> None:
+        """Create a text, empty or holding ``text``."""
+        self._parts: list[str] = []
+        self._starts: list[int] = []
+        self._length = 0
+        self._joined: str | None = ""
+        if text:
+            self.append(text)
+
+    def append(self, text: str) -> None:
+        """Add ``text`` at the end."""
+        if not text:
+            return
+        self._parts.append(text)
+        self._starts.append(self._length)
+        self._length += len(text)
+        self._joined = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        if self._joined is None:
+            self._joined = "".join(self._parts)
+            self._parts, self._starts = [self._joined], [0]
+        return self._joined
+
+    def slice(self, start: int, end: int) -> str:
+        """``str(self)[start:end]`` for ``0 <= start``, without joining the whole."""
+        end = min(end, self._length)
+        if start >= end:
+            return ""
+        if self._joined is not None:
+            return self._joined[start:end]
+        index = bisect.bisect_right(self._starts, start) - 1
+        pieces: list[str] = []
+        while index < len(self._parts) and self._starts[index] < end:
+            part, offset = self._parts[index], self._starts[index]
+            pieces.append(part[max(0, start - offset) : end - offset])
+            index += 1
+        return "".join(pieces)
+
+    def next_word_start(self, position: int) -> int:
+        """The index of the first non-space character at or after ``position``."""
+        while position < self._length:
+            window = self.slice(position, position + MATCH_WINDOW_CHARS)
+            stripped = len(window) - len(window.lstrip())
+            position += stripped
+            if stripped < len(window):
+                return position
+        return self._length
+
+    def word_end_at_or_before(self, position: int, floor: int) -> int:
+        """``position`` moved back so that it does not cut a word (never below ``floor``).
+
+        A position inside a word moves back to that word's start: half a word
+        heard is not a word heard.
+        """
+        position = min(position, self._length)
+        if position <= floor:
+            return floor
+        if self._boundary(position):
+            return position
+        # Inside a word: back past its characters to the whitespace before it.
+        while position > floor:
+            window_start = max(floor, position - MATCH_WINDOW_CHARS)
+            window = self.slice(window_start, position)
+            for offset in range(len(window) - 1, -1, -1):
+                if window[offset].isspace():
+                    return window_start + offset + 1
+            position = window_start
+        return floor
+
+    def _boundary(self, position: int) -> bool:
+        """Whether ``position`` is outside a word: at either end of the text or at whitespace."""
+        if position <= 0 or position >= self._length:
+            return True
+        return self.slice(position, position + 1).isspace()
+
+    def words_after(self, position: int, count: int) -> int:
+        """The end of the ``count``-th whole word after ``position`` (or the end of the text)."""
+        for _ in range(count):
+            start = self.next_word_start(position)
+            if start >= self._length:
+                return self._length
+            position = self._word_end_from(start)
+        return position
+
+    def _word_end_from(self, start: int) -> int:
+        position = start
+        while position < self._length:
+            window = self.slice(position, position + MATCH_WINDOW_CHARS)
+            for offset, char in enumerate(window):
+                if char.isspace():
+                    return position + offset
+            position += len(window)
+        return self._length
+
+    def find_word(self, word: str, start: int) -> int | None:
+        """Find ``word`` as a whole whitespace-delimited token near ``start``.
+
+        Compared as written first, then ignoring case and punctuation (a
+        provider may time the spoken form: "hello" for "Hello,").
+
+        Returns:
+            Where it starts, or None when it is not within the match window.
+        """
+        limit = self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word)
+        window = self.slice(start, limit)
+        position = window.find(word)
+        while position >= 0:
+            begin = start + position
+            if (begin == 0 or self._boundary(begin - 1)) and self._boundary(begin + len(word)):
+                return begin
+            position = window.find(word, position + 1)
+        wanted = _NOT_WORD.sub("", word).casefold()
+        if not wanted:
+            return None
+        for match in re.finditer(r"\S+", window):
+            begin = start + match.start()
+            at_start = begin == 0 or self._boundary(begin - 1)
+            if at_start and _NOT_WORD.sub("", match.group(0)).casefold() == wanted:
+                return begin
+        return None
+
+    def token_length(self, position: int) -> int:
+        """The length of the whitespace-delimited token starting at ``position``."""
+        return self._word_end_from(position) - position
+
+
+class SpeakingRate:
+    """Seconds of audio per character, as measured in this session: mean and spread.
+
+    Samples are weighted by the characters they cover (Welford's method).
+    :meth:`slow` is the conservative figure for estimating how much text some
+    audio covered: a slower rate means fewer characters, so an estimate errs
+    towards saying a word again, never towards skipping one.
+    """
+
+    __slots__ = ("_chars", "_mean", "_m2", "_samples")
+
+    # An estimate needs a few samples before its spread means anything.
+    MIN_SAMPLES = 4
+    MIN_CHARS = 20
+
+    def __init__(self) -> None:
+        """Start with nothing measured."""
+        self._chars = 0.0
+        self._mean = 0.0
+        self._m2 = 0.0
+        self._samples = 0
+
+    def add(self, seconds: float, chars: int) -> None:
+        """Record that ``chars`` characters took ``seconds`` of audio."""
+        if chars <= 0 or seconds <= 0 or not math.isfinite(seconds):
+            return
+        value = seconds / chars
+        self._samples += 1
+        self._chars += chars
+        delta = value - self._mean
+        self._mean += delta * chars / self._chars
+        self._m2 += chars * delta * (value - self._mean)
+
+    @property
+    def known(self) -> bool:
+        """Whether enough was measured to estimate with."""
+        return self._samples >= self.MIN_SAMPLES and self._chars >= self.MIN_CHARS
+
+    @property
+    def mean(self) -> float | None:
+        """Mean seconds per character, when known."""
+        return self._mean if self.known else None
+
+    def slow(self, *, margin: float = 0.0) -> float | None:
+        """A slow bound on seconds per character: the mean plus two deviations, plus ``margin`` of it."""
+        if not self.known:
+            return None
+        spread = math.sqrt(max(0.0, self._m2 / self._chars))
+        return (self._mean + 2 * spread) * (1 + margin)
+
+    def fast(self) -> float | None:
+        """A fast bound on seconds per character (how little audio some text may take)."""
+        if not self.known:
+            return None
+        spread = math.sqrt(max(0.0, self._m2 / self._chars))
+        return max(self._mean - 2 * spread, self._mean / 2)
+
+
+class Timeline:
+    """What the audio of one provider context covers of one utterance's text.
+
+    Args:
+        text: The utterance's text.
+        base: Where in ``text`` this context's speech begins.
+    """
+
+    __slots__ = (
+        "_ahead",
+        "_reached",
+        "audio_s",
+        "base",
+        "final",
+        "handed_end",
+        "handed_words",
+        "match_pos",
+        "text",
+        "timed",
+    )
+
+    def __init__(self, text: Text, base: int) -> None:
+        """Start a context's timeline at ``base``."""
+        self.text = text
+        self.base = base
+        self.handed_end = base
+        self.handed_words = 0
+        self.match_pos = base
+        self.audio_s = 0.0
+        self.final = False
+        self.timed = False  # the provider reported word timings for it
+        self._ahead: deque[tuple[int, float]] = deque()  # anchors the audio has not reached
+        self._reached = (base, 0.0)  # the furthest anchor it has
+
+    # -- inputs ------------------------------------------------------------
+
+    def handed(self, words: int) -> None:
+        """``words`` more words of the text were handed to the provider in this context."""
+        self.handed_words += words
+        self.handed_end = self.text.words_after(self.handed_end, words)
+
+    def audio(self, seconds: float) -> None:
+        """``seconds`` more audio of this context went downstream."""
+        self.audio_s += seconds
+        self._advance()
+
+    def timed_words(
+        self, words: Iterable[tuple[str, float, float | None]], rate: SpeakingRate, *, last_partial: bool
+    ) -> int:
+        """The provider timed ``words`` (``(word, start, end)``, seconds from the context's start).
+
+        Args:
+            words: In order; ``end`` may be None when the provider gives starts only.
+            rate: The session's speaking rate, fed from consecutive anchors.
+            last_partial: The last word is a prefix of a word whose audio is
+                still arriving (its end is where the audio so far ends).
+
+        Returns:
+            How many words were matched to the text.
+        """
+        items = list(words)
+        matched = 0
+        for index, (word, start, end) in enumerate(items):
+            position = self.text.find_word(word, self.match_pos)
+            partial = last_partial and index == len(items) - 1
+            if position is None and partial:
+                position = self._prefix_at(word)
+            if position is None:
+                continue
+            matched += 1
+            self.timed = True
+            self._anchor(position, start, rate)
+            if partial:
+                # Only the characters that arrived are anchored; the word is
+                # whole (and heard) once its anchor reaches its end.
+                if end is not None:
+                    self._anchor(position + len(word), end, rate)
+                continue
+            length = self.text.token_length(position)
+            if end is not None:
+                self._anchor(position + length, end, rate)
+            self.match_pos = position + length
+        self._advance()
+        return matched
+
+    def _prefix_at(self, prefix: str) -> int | None:
+        start = self.text.next_word_start(self.match_pos)
+        if self.text.slice(start, start + len(prefix)) == prefix:
+            return start
+        return None
+
+    def _anchor(self, position: int, time: float, rate: SpeakingRate) -> None:
+        last_position, last_time = self._ahead[-1] if self._ahead else self._reached
+        if position <= last_position or time < last_time - _EPSILON_S:
+            return  # not past the last anchor: a repeat, or out of order
+        if (last_position, last_time) != (self.base, 0.0):
+            # Between two reported anchors (not from the context's start,
+            # which may hold leading silence): a sample of the speaking rate.
+            rate.add(time - last_time, position - last_position)
+        self._ahead.append((position, time))
+
+    def _advance(self) -> None:
+        ahead, audio = self._ahead, self.audio_s + _EPSILON_S
+        while ahead and ahead[0][1] <= audio:
+            self._reached = ahead.popleft()
+
+    # -- outputs -----------------------------------------------------------
+
+    def voiced_end(self, rate: SpeakingRate, *, margin: float) -> int:
+        """The end of the last whole word whose audio went downstream, as far as the evidence shows.
+
+        Args:
+            rate: The session's speaking rate, for the text past the last anchor.
+            margin: Extra slowness assumed for that estimate (for providers
+                without word timings, whose estimate has nothing to correct it).
+        """
+        if self.final:
+            return self.handed_end
+        position, time = self._reached
+        slow = rate.slow(margin=margin)
+        if slow is not None and self.audio_s > time:
+            position += int((self.audio_s - time) / slow + _EPSILON_S)
+        position = min(position, self.handed_end)
+        return self.text.word_end_at_or_before(position, self.base)
+
+    def owes_audio(self, rate: SpeakingRate, *, slack_s: float) -> bool:
+        """Whether the provider clearly owes audio for text handed to it (a stall, if none comes)."""
+        if self.final or self.handed_words == 0:
+            return False
+        fast = rate.fast()
+        if fast is None or not self.timed:
+            return False
+        return (self.handed_end - self.base) * fast > self.audio_s + slack_s

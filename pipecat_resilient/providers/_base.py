@@ -1,0 +1,163 @@
+"""The provider adapter interface, the generic adapter, and the message tap adapters share.
+
+A :class:`TTSAdapter` tells :class:`~pipecat_resilient.tts.ResilientTTS` what the
+stock service does not: the provider's word timings (with end times, when the
+protocol has them), its error messages on a socket left open, and a clean
+close after which the stock service would quietly reconnect on its own. It
+reports them to an :class:`AdapterSink` in provider-neutral terms; the ledger
+never sees a provider's message.
+
+The generic adapter works with any stock TTS service: it listens to the word
+timings the service reports to Pipecat (start times only) and nothing else.
+A provider module overrides what its protocol can say better, usually by
+reading every message the socket receives before the stock service does
+(:func:`tap_messages`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from loguru import logger
+from websockets.exceptions import ConnectionClosedOK
+
+from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_status
+
+__all__ = ["AdapterSink", "TTSAdapter", "WordTiming", "failure_from_status", "tap_messages"]
+
+WordTiming = tuple[str, float, float | None]
+"""``(word, start, end)``: seconds from the start of its context's audio; ``end`` may be unknown."""
+
+
+class AdapterSink(Protocol):
+    """Where an adapter reports what it learned (the shell)."""
+
+    async def words_timed(
+        self, context_id: str | None, words: list[WordTiming], *, last_partial: bool
+    ) -> None:
+        """The provider timed ``words`` of ``context_id`` (see :meth:`Ledger.words_timed`)."""
+
+    async def provider_failed(self, failure: Failure, context_id: str | None) -> None:
+        """The provider reported a failure (``context_id``: the context it concerns, None for all)."""
+
+
+class TTSAdapter:
+    """What differs between TTS providers; this base is the generic adapter.
+
+    Subclass it in one small module per provider and register the stock class
+    name in :mod:`pipecat_resilient.providers`.
+
+    Attributes:
+        name: The provider's name, for logs.
+        word_timings: Whether the provider reports word timings at all
+            (without them, what was heard of a cut sentence is estimated from
+            the speaking rate).
+    """
+
+    name = "generic"
+    word_timings = True
+
+    def hook(self, service: Any, sink: AdapterSink) -> None:
+        """Hook into a fresh stock instance, before it is set up.
+
+        The generic adapter hears the word timings the stock service reports
+        to Pipecat (their start times) through ``add_word_timestamps``.
+        """
+        add_word_timestamps = getattr(service, "add_word_timestamps", None)
+        if add_word_timestamps is None:
+            return
+
+        async def observed(word_times: Any, context_id: str | None = None, *args: Any, **kwargs: Any) -> Any:
+            try:
+                words: list[WordTiming] = [(str(word), float(start), None) for word, start in word_times]
+                await sink.words_timed(context_id, words, last_partial=False)
+            except Exception as exc:  # evidence only: the stock service must go on
+                logger.debug(f"{service}: could not read word timings ({type(exc).__name__}: {exc})")
+            return await add_word_timestamps(word_times, context_id, *args, **kwargs)
+
+        service.add_word_timestamps = observed
+
+
+def tap_messages(
+    service: Any,
+    on_message: Callable[[str | bytes], Awaitable[None]],
+    on_closed: Callable[[ConnectionClosedOK], Awaitable[None]] | None = None,
+) -> None:
+    """Read every message a stock websocket service receives, before the service does.
+
+    Wraps the service's ``_websocket_connect`` (every Pipecat websocket
+    service opens its sockets through it) so that each socket's ``recv`` -
+    which the socket's own message iterator calls - hands the message to
+    ``on_message`` first. A close the provider initiated normally (which the
+    iterator swallows, and after which some stock services quietly reconnect)
+    goes to ``on_closed``. A failing callback is logged at DEBUG and never
+    disturbs the stock service.
+
+    Args:
+        service: A stock websocket service, before it connects.
+        on_message: Called with each message received.
+        on_closed: Called when the provider closes the socket normally.
+    """
+    connect = getattr(service, "_websocket_connect", None)
+    if connect is None:
+        return
+
+    async def connect_tapped(*args: Any, **kwargs: Any) -> Any:
+        websocket = await connect(*args, **kwargs)
+        recv = websocket.recv
+
+        async def recv_tapped(*recv_args: Any, **recv_kwargs: Any) -> Any:
+            try:
+                message = await recv(*recv_args, **recv_kwargs)
+            except ConnectionClosedOK as closed:
+                if on_closed is not None and closed.rcvd is not None and not _we_closed(closed):
+                    await _safely(service, on_closed(closed))
+                raise
+            await _safely(service, on_message(message))
+            return message
+
+        websocket.recv = recv_tapped
+        return websocket
+
+    service._websocket_connect = connect_tapped
+
+
+def _we_closed(closed: ConnectionClosedOK) -> bool:
+    """Whether the client started the closing handshake (a shutdown or a settings reconnect)."""
+    return closed.sent is not None and not closed.rcvd_then_sent
+
+
+async def _safely(service: Any, call: Awaitable[None]) -> None:
+    try:
+        await call
+    except Exception as exc:
+        logger.debug(f"{service}: message tap failed ({type(exc).__name__}: {exc})")
+
+
+def failure_from_status(status: object, provider: str, what: str) -> Failure:
+    """Classify a provider error message carrying an HTTP-like status (or a close code).
+
+    The description names the provider and the status, never the provider's
+    message text (which may quote user text).
+    """
+    if isinstance(status, int) and not isinstance(status, bool):
+        if 1000 <= status <= 4999:
+            failure = classify_close(status)
+        else:
+            failure = classify_status(status)
+        return Failure(
+            failure.verdict,
+            failure.category,
+            f"{provider} {what} (status {status}): {failure.description.split(': ', 1)[-1]}",
+            failure.code,
+            failure.retry_after,
+        )
+    return Failure(Verdict.TRANSIENT, "server", f"{provider} {what} without a status")
+
+
+async def closed_normally(closed: ConnectionClosedOK, provider: str, sink: AdapterSink) -> None:
+    """Report a normal close the provider started: the stock service would reconnect and lose the rest."""
+    rcvd = closed.rcvd
+    failure = classify_close(rcvd.code if rcvd is not None else 1000, rcvd.reason if rcvd is not None else "")
+    await sink.provider_failed(failure, None)

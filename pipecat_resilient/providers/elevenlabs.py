@@ -1,0 +1,110 @@
+"""ElevenLabs (multi-stream-input websocket): word timings to the character, error messages.
+
+Every audio message carries the alignment of its characters (start and
+duration in milliseconds, restarting at 0 in each message), so the audio that
+covers each word is known exactly: the adapter turns it into word timings with
+start and end, including the part of a word whose audio arrived so far (the
+last word of a sentence is complete before anything follows it). An
+``{"error": ..., "message": ..., "code": ...}`` message (the socket may stay open,
+or close right after with 1008) fails the connection at once. Failures:
+``code`` is an HTTP status or a close code: 401/403/402/4xx and policy closes
+that name a bad key, voice or quota are permanent; 429, 5xx, 1011, 1012 are
+transient.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipecat_resilient.providers._base import (
+    AdapterSink,
+    TTSAdapter,
+    WordTiming,
+    closed_normally,
+    failure_from_status,
+    tap_messages,
+)
+
+__all__ = ["ElevenLabsAdapter"]
+
+# A message is read only if it may carry one of these (audio messages without
+# alignment, keepalive answers... are skipped unparsed).
+_KEYS = ('"alignment"', '"normalizedAlignment"', '"error"', '"isFinal"')
+
+
+@dataclass
+class _Clock:
+    """One context's audio clock and the word in progress at its end."""
+
+    at: float = 0.0  # seconds of audio the context's messages covered so far
+    word: str = ""
+    word_start: float = 0.0
+    word_end: float = 0.0
+    words: list[WordTiming] = field(default_factory=list)
+
+
+class ElevenLabsAdapter(TTSAdapter):
+    """ElevenLabs' websocket TTS: exact word timings from the character alignment."""
+
+    name = "ElevenLabs"
+
+    def hook(self, service: Any, sink: AdapterSink) -> None:
+        """Read each message before the stock service does."""
+        clocks: dict[str, _Clock] = {}
+
+        async def on_message(raw: str | bytes) -> None:
+            if not isinstance(raw, str) or not any(key in raw for key in _KEYS):
+                return
+            message = json.loads(raw)
+            context_id = message.get("contextId") or message.get("context_id")
+            if message.get("isFinal"):
+                clocks.pop(context_id, None)
+                return
+            if message.get("error"):
+                failure = failure_from_status(message.get("code"), self.name, "error message")
+                await sink.provider_failed(failure, context_id)
+                return
+            alignment = message.get("normalizedAlignment") if _prefers_normalized(service) else None
+            alignment = alignment or message.get("alignment") or message.get("normalizedAlignment")
+            if not alignment or context_id is None:
+                return
+            clock = clocks.setdefault(context_id, _Clock())
+            words = _advance(clock, alignment)
+            if words or clock.word:
+                partial: list[WordTiming] = (
+                    [(clock.word, clock.word_start, clock.word_end)] if clock.word else []
+                )
+                await sink.words_timed(context_id, words + partial, last_partial=bool(clock.word))
+
+        tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
+
+
+def _prefers_normalized(service: Any) -> bool:
+    # The stock service reads the normalized alignment only with pronunciation dictionaries.
+    return bool(getattr(service, "_pronunciation_dictionary_locators", None))
+
+
+def _advance(clock: _Clock, alignment: dict[str, Any]) -> list[WordTiming]:
+    """Words completed by one message's alignment; ``clock`` keeps the word still arriving."""
+    chars = alignment.get("chars") or []
+    starts = alignment.get("charStartTimesMs") or []
+    durations = alignment.get("charDurationsMs") or []
+    words: list[WordTiming] = []
+    end_ms = 0.0
+    for char, start_ms, duration_ms in zip(chars, starts, durations, strict=False):
+        start = clock.at + start_ms / 1000
+        end = start + duration_ms / 1000
+        end_ms = max(end_ms, start_ms + duration_ms)
+        if char.isspace():
+            if clock.word:
+                words.append((clock.word, clock.word_start, clock.word_end))
+                clock.word = ""
+            continue
+        if not clock.word:
+            clock.word_start = start
+        clock.word += char
+        clock.word_end = end
+    clock.at += end_ms / 1000
+    return words
