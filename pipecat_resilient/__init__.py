@@ -12,20 +12,35 @@ The testing kit (local provider emulators with fault plans) lives in
 
 from pipecat_resilient.errors import InvalidState, ReplayFailed, ResilienceError
 from pipecat_resilient.failures import Failure, Verdict
+from pipecat_resilient.health import (
+    DEFAULT_BREAKER,
+    BreakerPolicy,
+    Health,
+    HealthStore,
+    LocalHealthStore,
+    default_store,
+)
 from pipecat_resilient.ledger import Ledger, State
 from pipecat_resilient.llm import ResilientLLM
 from pipecat_resilient.policy import DEFAULT_REPLAY, DEFAULT_RETRY, ReplayPolicy, RetryPolicy
+from pipecat_resilient.redis_health import RedisHealthStore
 from pipecat_resilient.tts import RecoveryReport, ResilientTTS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BREAKER",
     "DEFAULT_REPLAY",
     "DEFAULT_RETRY",
+    "BreakerPolicy",
     "Failure",
+    "Health",
+    "HealthStore",
     "InvalidState",
     "Ledger",
+    "LocalHealthStore",
     "RecoveryReport",
+    "RedisHealthStore",
     "ReplayFailed",
     "ReplayPolicy",
     "ResilienceError",
@@ -34,4 +49,5 @@ __all__ = [
     "RetryPolicy",
     "State",
     "Verdict",
+    "default_store",
 ]

@@ -7,7 +7,7 @@ import importlib
 import pipecat_resilient
 import pipecat_resilient.testing
 
-PUBLIC_MODULES = ["errors", "failures", "ledger", "llm", "policy", "tts"]
+PUBLIC_MODULES = ["errors", "failures", "health", "ledger", "llm", "policy", "redis_health", "tts"]
 
 
 def test_top_level_exports_are_real_and_documented() -> None:
