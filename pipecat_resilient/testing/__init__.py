@@ -15,6 +15,8 @@ from the audio itself.
   a model that continues, restarts or repeats a cut reply, transcription ahead
   of or behind its audio, and replies that come silent (:class:`Silent`), go
   quiet or never come (a muted session).
+* :class:`OpenAITTSEmulator` - OpenAI's HTTP text-to-speech (``/v1/audio/speech``),
+  streamed PCM cut anywhere: a reset, a truncated body, a stall.
 * :class:`DeepgramTTSEmulator` - Deepgram's websocket TTS (``/v1/speak``), no word
   timings, audio chunks that cut through words.
 * :class:`OpenAIEmulator` - the OpenAI chat-completions streaming API (SSE), with
@@ -44,6 +46,7 @@ from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, Silent, To
 from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenario, UpstreamRecorder
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
 from pipecat_resilient.testing.openai_realtime import OpenAIRealtimeEmulator
+from pipecat_resilient.testing.openai_tts import OpenAITTSEmulator
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
 from pipecat_resilient.testing.stt_harness import Caller, STTScenario
 
@@ -63,6 +66,7 @@ __all__ = [
     "Listener",
     "OpenAIEmulator",
     "OpenAIRealtimeEmulator",
+    "OpenAITTSEmulator",
     "Scenario",
     "STTScenario",
     "SessionScenario",
