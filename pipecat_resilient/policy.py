@@ -97,7 +97,8 @@ class RetryPolicy:
             return 0.0
         # Compared in logarithms, so no base, exponent or attempt count can
         # overflow: past the cap the bound is the cap.
-        if (failures - 1) * math.log(self.wait_exp_base) >= math.log(self.wait_max / self.wait_initial):
+        headroom = math.log(self.wait_max) - math.log(self.wait_initial)
+        if (failures - 1) * math.log(self.wait_exp_base) >= headroom:
             return float(self.wait_max)
         return float(min(self.wait_max, self.wait_initial * self.wait_exp_base ** (failures - 1)))
 
@@ -108,6 +109,13 @@ CONTINUE_INSTRUCTION = (
     "said and do not mention the interruption."
 )
 """What the model is told when it must continue a cut reply."""
+
+SESSION_CONTINUE_INSTRUCTION = (
+    "If the conversation ends with a reply of yours that was cut off, the user heard that reply up to "
+    "where it ends: continue it from exactly there, without repeating any of it and without mentioning "
+    "the interruption."
+)
+"""Speech-to-speech: appended to the system instruction of a fresh session seeded to continue a cut reply."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +150,24 @@ class ReplayPolicy:
     """Speech-to-speech sessions: seconds of user audio kept while reconnecting
     (older audio is dropped first); text and tool results are always kept."""
 
+    continuation_hold_s: float = 0.3
+    """Speech-to-speech sessions: longest the audio of a continuation is held back
+    while its transcription shows whether it repeats what the user already heard
+    (the repeated words' audio is dropped). Audio held this long is played
+    whatever the transcription says; 0 holds nothing."""
+
+    max_session_s: float | None = 3300.0
+    """Speech-to-speech sessions: a session older than this is replaced by a fresh
+    one at the next turn boundary, before the provider ends it (OpenAI Realtime
+    ends a session after 60 minutes; Gemini Live announces the end of a
+    connection with GoAway, which is acted on whatever this says). None: never."""
+
+    session_instruction: str | None = SESSION_CONTINUE_INSTRUCTION
+    """Speech-to-speech sessions: appended to the system instruction of a fresh
+    session that is seeded to continue a cut reply (the reply itself is given to
+    it as the model's own partial turn, never as a user message). None: nothing
+    is added."""
+
     def __post_init__(self) -> None:
         if self.partial_answer not in ("continue", "restart"):
             raise ValueError(f"partial_answer must be 'continue' or 'restart', got {self.partial_answer!r}")
@@ -154,6 +180,16 @@ class ReplayPolicy:
         if not _non_negative(self.max_buffered_input_s):
             value = self.max_buffered_input_s
             raise ValueError(f"max_buffered_input_s must be a non-negative number of seconds, got {value!r}")
+        if not _non_negative(self.continuation_hold_s):
+            value = self.continuation_hold_s
+            raise ValueError(f"continuation_hold_s must be a non-negative number of seconds, got {value!r}")
+        if self.max_session_s is not None and not _positive(self.max_session_s):
+            value = self.max_session_s
+            raise ValueError(f"max_session_s must be a positive number of seconds or None, got {value!r}")
+        if self.session_instruction is not None and (
+            not isinstance(self.session_instruction, str) or not self.session_instruction.strip()
+        ):
+            raise ValueError("session_instruction must be a non-empty string or None")
 
 
 def backoff(policy: RetryPolicy, rng: random.Random | None = None) -> Iterator[float]:

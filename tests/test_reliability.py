@@ -43,6 +43,8 @@ def test_a_huge_growth_factor_caps_the_wait_instead_of_overflowing() -> None:
     assert [policy.wait_bound(n) for n in (1, 2, 3, 1000)] == [0.05, 0.2, 0.2, 0.2]
     many = RetryPolicy(attempts=70, wait_exp_base=1e5, jitter=False)
     assert list(backoff(many))[-1] == many.wait_max
+    wide = RetryPolicy(attempts=5000, wait_initial=1e-300, wait_max=1e300)
+    assert wide.wait_bound(4000) == 1e300
 
 
 def test_an_integer_too_large_for_a_float_is_refused_at_construction() -> None:
