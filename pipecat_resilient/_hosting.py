@@ -113,6 +113,9 @@ class Hosted(Generic[S]):
     # Contexts the provider reported an error for (their stop is not an end).
     failed_contexts: set[str] = field(default_factory=set)
     failed_all: bool = False
+    # Context commits (LLMAssistantPushAggregationFrame) held until the words
+    # they commit have been told to the context.
+    held_commits: list[Frame] = field(default_factory=list)
     # Set once a failed instance has pushed out what it had received.
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # its received audio is out
     drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
@@ -339,6 +342,10 @@ class Host(Generic[S]):
             transport = getattr(_websocket_of(hosted.service), "transport", None)
             if transport is not None:
                 transport.abort()
+            if getattr(hosted.service, "_websocket", None) is not None:
+                # Gone: its teardown must not try a closing handshake on it
+                # (and log an ERROR when that fails).
+                hosted.service._websocket = None
         task = asyncio.get_running_loop().create_task(self._tear_down(hosted))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

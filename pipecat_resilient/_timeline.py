@@ -193,9 +193,11 @@ class SpeakingRate:
 
     __slots__ = ("_chars", "_mean", "_m2", "_samples")
 
-    # An estimate needs a few samples before its spread means anything.
-    MIN_SAMPLES = 4
-    MIN_CHARS = 20
+    # An estimate needs a few samples before its spread means anything, or one
+    # long one (a whole sentence, from a provider without word timings).
+    MIN_SAMPLES = 3
+    MIN_CHARS = 10
+    ENOUGH_CHARS = 40
 
     def __init__(self) -> None:
         """Start with nothing measured."""
@@ -203,6 +205,15 @@ class SpeakingRate:
         self._mean = 0.0
         self._m2 = 0.0
         self._samples = 0
+
+    def assume(self, chars_per_second: float) -> None:
+        """Start from a known rate (as if a few sentences at it had been measured).
+
+        Measurements refine it from there; a rate given too fast would make
+        estimates skip words, so give the slowest the voice speaks at.
+        """
+        for _ in range(self.MIN_SAMPLES):
+            self.add(self.MIN_CHARS / chars_per_second, self.MIN_CHARS)
 
     def add(self, seconds: float, chars: int) -> None:
         """Record that ``chars`` characters took ``seconds`` of audio."""
@@ -218,6 +229,8 @@ class SpeakingRate:
     @property
     def known(self) -> bool:
         """Whether enough was measured to estimate with."""
+        if self._chars >= self.ENOUGH_CHARS:
+            return True
         return self._samples >= self.MIN_SAMPLES and self._chars >= self.MIN_CHARS
 
     @property
@@ -335,10 +348,9 @@ class Timeline:
         last_position, last_time = self._ahead[-1] if self._ahead else self._reached
         if position <= last_position or time < last_time - _EPSILON_S:
             return  # not past the last anchor: a repeat, or out of order
-        if (last_position, last_time) != (self.base, 0.0):
-            # Between two reported anchors (not from the context's start,
-            # which may hold leading silence): a sample of the speaking rate.
-            rate.add(time - last_time, position - last_position)
+        # A sample of the speaking rate. From the context's start it includes
+        # any leading silence, which only makes the rate look slower: safe.
+        rate.add(time - last_time, position - last_position)
         self._ahead.append((position, time))
 
     def _advance(self) -> None:

@@ -253,12 +253,26 @@ class Ledger:
         first_audio_timeout: Seconds the provider may take to send audio after
             text was handed to it.
         stall_timeout: Seconds audio may pause while more is due.
+        speaking_rate: Characters per second the voice speaks at, at its
+            slowest, as a start for the session's measured rate (None: nothing
+            is estimated until something was measured).
+        word_timings: Whether the provider reports word timings. Without
+            them, nothing will ever correct an estimate of what audio covered,
+            so it assumes speech a little slower still (``NO_TIMINGS_MARGIN``).
     """
 
-    def __init__(self, *, first_audio_timeout: float = 2.0, stall_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        first_audio_timeout: float = 2.0,
+        stall_timeout: float = 2.0,
+        speaking_rate: float | None = None,
+        word_timings: bool = True,
+    ) -> None:
         """Create an empty ledger in the LIVE state."""
         self.first_audio_timeout = first_audio_timeout
         self.stall_timeout = stall_timeout
+        self.word_timings = word_timings
         self.state = State.LIVE
         self._journal = _Journal()
         self._open_turn: Utterance | None = None
@@ -267,6 +281,8 @@ class Ledger:
         # Seconds of audio per character, over the whole session: drops do
         # not make the provider speak faster.
         self._rate = SpeakingRate()
+        if speaking_rate is not None:
+            self._rate.assume(speaking_rate)
         # Settings updates accepted while a turn was open, for after its end.
         self._deferred: list[object] = []
         self._blocked = False
@@ -423,7 +439,15 @@ class Ledger:
     # Inputs: what the live service instance did.
     # ------------------------------------------------------------------
 
-    def text_handed(self, utterance: Utterance | None, context_id: str, text: str, *, now: float) -> None:
+    def text_handed(
+        self,
+        utterance: Utterance | None,
+        context_id: str,
+        text: str,
+        *,
+        now: float,
+        audio_due: bool = True,
+    ) -> None:
         """The live instance handed ``text`` to its provider under ``context_id``.
 
         Args:
@@ -431,6 +455,9 @@ class Ledger:
             context_id: The provider context id it used.
             text: The text, as sent (possibly transformed).
             now: Current time in seconds.
+            audio_due: Whether the provider starts speaking on text alone
+                (False for one that waits for a flush at the end of the turn:
+                the wait for its first audio starts at the flush).
         """
         self._require(State.LIVE, "text handed")
         if utterance is not None and not utterance.settled:
@@ -447,18 +474,22 @@ class Ledger:
             entry[1].handed(len(text.split()))
             utterance.stopped = False
         liveness = self._liveness
-        if liveness.pending_since is None:
+        if audio_due and liveness.pending_since is None:
             liveness.pending_since = now
         liveness.last_activity = now
 
-    def closing_processed(self, utterance: Utterance) -> None:
+    def closing_processed(self, utterance: Utterance, *, now: float | None = None) -> None:
         """The live instance finished processing the utterance's closing frame.
 
         All of its text has been handed over (or dropped as empty), so the
-        provider owes a final signal for it.
+        provider owes a final signal for it, and audio, if none came yet.
         """
-        if not utterance.settled:
-            utterance.flushed = True
+        if utterance.settled:
+            return
+        utterance.flushed = True
+        silent = any(t.handed_words and t.audio_s == 0 for t in utterance.timelines)
+        if now is not None and silent and self._liveness.pending_since is None:
+            self._liveness.pending_since = now
 
     def audio_pushed(self, context_id: str | None, seconds: float, *, now: float) -> Utterance | None:
         """``seconds`` of audio for ``context_id`` went downstream from the instance.
@@ -551,8 +582,8 @@ class Ledger:
     def _update_voiced(self, utterance: Utterance) -> bool:
         """Move the utterance's voiced cursor to what its timelines show; True if it moved."""
         best = utterance.voiced
+        margin = 0.0 if self.word_timings else NO_TIMINGS_MARGIN
         for timeline in utterance.timelines:
-            margin = 0.0 if timeline.timed else NO_TIMINGS_MARGIN
             best = max(best, timeline.voiced_end(self._rate, margin=margin))
         if best <= utterance.voiced:
             return False
@@ -722,6 +753,13 @@ class Ledger:
     def open_downstream(self) -> list[Utterance]:
         """Unsettled utterances that started downstream and did not stop."""
         return [u for u in self._unsettled_utterances() if u.downstream_context is not None]
+
+    def awaiting_commit(self) -> bool:
+        """Whether a ``TTSSpeakFrame`` that commits itself has words not yet given to the context."""
+        return any(
+            u.kind is UtteranceKind.SPEAK and u.push_aggregation and u.emitted < u.length
+            for u in self._unsettled_utterances()
+        )
 
     @property
     def blocked(self) -> bool:

@@ -235,6 +235,13 @@ def check_seconds(**values: object) -> None:
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
+def check_positive(**values: object) -> None:
+    """Raise ValueError naming the first argument that is not a positive, finite number."""
+    for name, value in values.items():
+        if not _positive(value):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 DEFAULT_RETRY = RetryPolicy()
 """The policy used when none is given."""
 

@@ -64,7 +64,7 @@ from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
-from pipecat_resilient.policy import RetryPolicy, check_seconds
+from pipecat_resilient.policy import RetryPolicy, check_positive, check_seconds
 from pipecat_resilient.providers import TTSAdapter, WordTiming, tts_adapter_for
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
@@ -117,6 +117,12 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             considered dead (catches half-open sockets).
         stall_timeout: Seconds audio may pause while the provider still owes
             some before the connection is considered dead.
+        speaking_rate: For providers without word timings (Deepgram): the
+            characters per second the voice speaks at, at its slowest, so that
+            what was heard of a sentence cut in the session's first utterance
+            can be estimated (later ones use the rate measured in the session).
+            Too fast a figure would make a replay skip words; None (the
+            default) replays a first cut utterance from its start instead.
         **kwargs: Passed to ``FrameProcessor`` (``name=`` and so on).
 
     Raises:
@@ -134,11 +140,16 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         retry: RetryPolicy | None = None,
         first_audio_timeout: float = 2.0,
         stall_timeout: float = 2.0,
+        speaking_rate: float | None = None,
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
         check_seconds(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
-        self._ledger = Ledger(first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout)
+        if speaking_rate is not None:
+            check_positive(speaking_rate=speaking_rate)
+        self._ledger = Ledger(
+            first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout, speaking_rate=speaking_rate
+        )
         super().__init__(
             factory,
             TTSService,  # type: ignore[type-abstract]
@@ -148,6 +159,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             **kwargs,
         )
         self._adapter: TTSAdapter = tts_adapter_for(self._host.first.service)
+        self._ledger.word_timings = self._adapter.word_timings
         stop_timeout = getattr(self._host.first.service, "_stop_frame_timeout_s", None)
         longest = max(first_audio_timeout, stall_timeout)
         if isinstance(stop_timeout, int | float) and longest >= stop_timeout:
@@ -386,7 +398,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
     def _closing_processed(self, utterance: Utterance) -> Callable[..., Any]:
         async def done(processor: FrameProcessor, frame: Frame, direction: FrameDirection) -> None:
             if self._live is not None and processor is self._live.service:
-                self._ledger.closing_processed(utterance)
+                self._ledger.closing_processed(utterance, now=now())
 
         return done
 
@@ -411,7 +423,8 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         async def run_tts_observed(text: str, context_id: str) -> Any:
             if hosted is self._live and self._ledger.state is State.LIVE:
                 hosted.tracked_contexts.add(context_id)
-                self._ledger.text_handed(hosted.current, context_id, text, now=now())
+                audio_due = self._adapter.audio_before_flush
+                self._ledger.text_handed(hosted.current, context_id, text, now=now(), audio_due=audio_due)
             async for frame in run_tts(text, context_id):
                 yield frame
 
@@ -451,6 +464,14 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                     hosted.rewrite[context_id] = utterance.downstream_context
                     return
                 ledger.started_downstream(utterance, context_id)
+        elif isinstance(frame, LLMAssistantPushAggregationFrame):
+            if ledger.awaiting_commit():
+                # The stock service commits a spoken TTSSpeakFrame to the
+                # context when it queues it (before its audio, for services
+                # that push a sentence's text up front). The commit waits for
+                # the words this processor tells the context as they are heard.
+                hosted.held_commits.append(frame)
+                return
         elif isinstance(frame, TTSStoppedFrame):
             if context_id in hosted.failed_contexts or hosted.failed_all:
                 # The stock service stops a context its provider reported an
@@ -460,6 +481,9 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             if utterance is not None:
                 await self._emit_context_text(utterance)
                 ledger.stopped_downstream(utterance)
+            held, hosted.held_commits = hosted.held_commits, []
+            for commit in held:
+                await self.push_frame(commit)
         if context_id is not None and context_id in hosted.rewrite:
             frame.context_id = hosted.rewrite[context_id]  # type: ignore[attr-defined]
         await self.push_frame(frame)

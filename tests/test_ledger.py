@@ -149,7 +149,7 @@ def test_timed_words_match_their_spoken_form() -> None:
 
 def test_without_timings_the_rate_learned_from_finished_turns_estimates_conservatively() -> None:
     """No word timings: a finished context teaches the speaking rate, and an estimate never runs ahead."""
-    ledger = Ledger()
+    ledger = Ledger(word_timings=False)
     for index in range(4):
         done = ledger.speak_accepted(F(), "A finished sentence that teaches the rate.")
         ledger.to_feed()
@@ -172,7 +172,7 @@ def test_without_timings_the_rate_learned_from_finished_turns_estimates_conserva
 
 def test_without_timings_or_a_rate_nothing_is_guessed() -> None:
     """No timings and no measured rate: only the final signal counts."""
-    ledger = Ledger()
+    ledger = Ledger(word_timings=False)
     u = ledger.speak_accepted(F(), "one two three")
     ledger.to_feed()
     ledger.text_handed(u, "c", u.text, now=0.0)

@@ -53,10 +53,14 @@ class TTSAdapter:
         word_timings: Whether the provider reports word timings at all
             (without them, what was heard of a cut sentence is estimated from
             the speaking rate).
+        audio_before_flush: Whether the provider may start speaking text
+            before the end of the turn flushes it (the wait for first audio
+            starts at the text, else at the flush).
     """
 
     name = "generic"
     word_timings = True
+    audio_before_flush = True
 
     def hook(self, service: Any, sink: AdapterSink) -> None:
         """Hook into a fresh stock instance, before it is set up.

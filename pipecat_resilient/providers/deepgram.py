@@ -8,6 +8,9 @@ on the turns already finished in this session, rounded down to a word (see
 Before any turn has finished there is no rate yet, and a cut turn is replayed
 from where its audio in that connection began.
 
+Deepgram may hold the text of a turn until Pipecat flushes it at the turn's
+end, so the wait for first audio starts at that flush, not at the text.
+
 An ``Error`` message fails the connection at once (the stock service only logs
 it at DEBUG); a ``Warning`` does not. A normal close from Deepgram (an idle
 timeout) is a failure too. Failures: an error's status (when it carries one)
@@ -40,6 +43,9 @@ class DeepgramAdapter(TTSAdapter):
 
     name = "Deepgram"
     word_timings = False
+    # Deepgram may hold text until the turn's flush (Pipecat flushes only at
+    # the end of a turn): no audio before then is not a stall.
+    audio_before_flush = False
 
     def hook(self, service: Any, sink: AdapterSink) -> None:
         """Read each text message before the stock service does."""
