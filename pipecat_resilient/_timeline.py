@@ -150,30 +150,41 @@ class Text:
             position += len(window)
         return self._length
 
-    def find_word(self, word: str, start: int) -> int | None:
-        """Find ``word`` as a whole whitespace-delimited token near ``start``.
+    def find_word(self, word: str, start: int, end: int | None = None) -> int | None:
+        """Find ``word`` as a whole whitespace-delimited token near ``start``, before ``end``.
 
         Compared as written first, then ignoring case and punctuation (a
         provider may time the spoken form: "hello" for "Hello,").
 
+        Args:
+            word: The word.
+            start: Where to look from.
+            end: Where the text that may hold it ends (the text handed to the
+                provider: a text still growing ends mid-word, which is no end).
+
         Returns:
             Where it starts, or None when it is not within the match window.
         """
-        limit = self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word)
+        end = self._length if end is None else min(end, self._length)
+        limit = min(end, self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word))
         window = self.slice(start, limit)
+
+        def whole(begin: int, length: int) -> bool:
+            after = begin + length
+            return (begin == 0 or self._boundary(begin - 1)) and (after >= end or self._boundary(after))
+
         position = window.find(word)
         while position >= 0:
-            begin = start + position
-            if (begin == 0 or self._boundary(begin - 1)) and self._boundary(begin + len(word)):
-                return begin
+            if whole(start + position, len(word)):
+                return start + position
             position = window.find(word, position + 1)
         wanted = _NOT_WORD.sub("", word).casefold()
         if not wanted:
             return None
         for match in re.finditer(r"\S+", window):
             begin = start + match.start()
-            at_start = begin == 0 or self._boundary(begin - 1)
-            if at_start and _NOT_WORD.sub("", match.group(0)).casefold() == wanted:
+            token = match.group(0)
+            if whole(begin, len(token)) and _NOT_WORD.sub("", token).casefold() == wanted:
                 return begin
         return None
 
@@ -316,7 +327,7 @@ class Timeline:
         items = list(words)
         matched = 0
         for index, (word, start, end) in enumerate(items):
-            position = self.text.find_word(word, self.match_pos)
+            position = self.text.find_word(word, self.match_pos, self.handed_end)
             partial = last_partial and index == len(items) - 1
             if position is None and partial:
                 position = self._prefix_at(word)
@@ -340,7 +351,7 @@ class Timeline:
 
     def _prefix_at(self, prefix: str) -> int | None:
         start = self.text.next_word_start(self.match_pos)
-        if self.text.slice(start, start + len(prefix)) == prefix:
+        if start + len(prefix) <= self.handed_end and self.text.slice(start, start + len(prefix)) == prefix:
             return start
         return None
 

@@ -277,6 +277,8 @@ class Ledger:
         self._journal = _Journal()
         self._open_turn: Utterance | None = None
         self._contexts: dict[str, tuple[Utterance, Timeline]] = {}
+        # Contexts an interruption dropped, until the interruption went downstream.
+        self._interrupted: dict[str, tuple[Utterance, Timeline]] = {}
         self._liveness = _Liveness()
         # Seconds of audio per character, over the whole session: drops do
         # not make the provider speak faster.
@@ -427,13 +429,20 @@ class Ledger:
         if self._open_turn is not None and self._open_turn.interruptible:
             self._open_turn = None
             self._flush_deferred()
-        for context_id, (utterance, _) in list(self._contexts.items()):
-            if utterance.settled:
-                del self._contexts[context_id]
+        for context_id, entry in list(self._contexts.items()):
+            if entry[0].settled:
+                # Audio of it already on its way downstream still reaches the
+                # listener, until the interruption itself does: what it covers
+                # is still told to the context (see interruption_passed()).
+                self._interrupted[context_id] = self._contexts.pop(context_id)
         self._trim()
         if not self._expecting_audio():
             self._liveness.pending_since = None
         return list(dict.fromkeys(dropped))
+
+    def interruption_passed(self) -> None:
+        """The interruption went downstream: audio of what it dropped no longer counts."""
+        self._interrupted.clear()
 
     # ------------------------------------------------------------------
     # Inputs: what the live service instance did.
@@ -504,11 +513,17 @@ class Ledger:
         liveness = self._liveness
         liveness.pending_since = None
         liveness.last_activity = now
-        entry = self._contexts.get(context_id) if context_id else None
+        entry = self._entry(context_id)
         if entry is None:
             return None
         entry[1].audio(seconds)
         return entry[0] if self._update_voiced(entry[0]) else None
+
+    def _entry(self, context_id: str | None) -> tuple[Utterance, Timeline] | None:
+        """A context's utterance and timeline (an interrupted one's too, until the interruption passed)."""
+        if not context_id:
+            return None
+        return self._contexts.get(context_id) or self._interrupted.get(context_id)
 
     def words_timed(
         self,
@@ -529,8 +544,8 @@ class Ledger:
         Returns:
             The utterance whose voiced text moved on, or None.
         """
-        entry = self._contexts.get(context_id) if context_id else None
-        if entry is None or entry[0].settled:
+        entry = self._entry(context_id)
+        if entry is None or entry[0].settled and context_id not in self._interrupted:
             return None
         entry[1].timed_words(words, self._rate, last_partial=last_partial)
         return entry[0] if self._update_voiced(entry[0]) else None
@@ -643,6 +658,7 @@ class Ledger:
     def drained(self) -> None:
         """The lost instance has pushed out everything it had received; forget its contexts."""
         self._contexts.clear()
+        self._interrupted.clear()
         for utterance in self._unsettled_utterances():
             utterance.flushed = False
             utterance.timelines = []
@@ -741,6 +757,7 @@ class Ledger:
         self._blocked = False
         self._journal = _Journal()
         self._contexts.clear()
+        self._interrupted.clear()
         self._open_turn = None
         self.state = State.FAILED
         return unspoken, frames

@@ -269,7 +269,11 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         elif isinstance(frame, InterruptionFrame):
             if self._ledger.state is not State.FAILED:
                 self._ledger.interrupted()
+            live = self._live
             await self._pass(frame, direction)
+            if live is None or live.state is not HostedState.LIVE:
+                # Passed on directly: no instance audio can follow it.
+                self._ledger.interruption_passed()
             if self._ledger.blocked:
                 # A settings update was waiting for what was just dropped.
                 await self._feed_pending()
@@ -455,6 +459,10 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 # timing arrived, or forced at the context's end, audio or not.
                 # The context hears what the ledger says was heard instead.
                 return
+        elif isinstance(frame, InterruptionFrame):
+            # The audio of what it dropped that got out before it is heard;
+            # nothing after it is.
+            ledger.interruption_passed()
         elif isinstance(frame, TTSStartedFrame):
             utterance = ledger.utterance_for(context_id)
             if utterance is not None and context_id is not None:

@@ -11,18 +11,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from loguru import logger
-from pipecat.services.cartesia.tts import CartesiaTTSService
-from pipecat.services.deepgram.tts import DeepgramTTSService
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from pipecat.services.tts_service import TTSService
 
 from pipecat_resilient import ResilientTTS, RetryPolicy
-from pipecat_resilient.testing import CartesiaEmulator, DeepgramTTSEmulator, ElevenLabsEmulator, FaultPlan
+from pipecat_resilient.testing import ElevenLabsEmulator, FaultPlan
 from pipecat_resilient.testing._server import ConnectionRecord, WebsocketEmulator
+from pipecat_resilient.testing.kits import TTSKit, tts_kit
 
 # Every timeout in the suite scales from this, like websockets' MS.
 UNIT = 0.1
@@ -77,49 +75,36 @@ def plan() -> FaultPlan:
 
 @dataclass(frozen=True)
 class Provider:
-    """One TTS provider as the tests drive it: its emulator and its stock service.
+    """One TTS provider kit as the tests drive it (a :class:`TTSKit` with options).
 
     Parameters:
-        name: The test id.
-        timings: Whether the provider reports word timings (without them a
-            cut sentence may be heard again in part; never lost).
+        name: The test id (the kit's name, and the variant).
+        kit: The provider's kit.
         emulator_options: Options for the emulator.
         tts_options: Options for ResilientTTS.
     """
 
     name: str
-    timings: bool = True
+    kit: TTSKit
     emulator_options: dict[str, Any] = field(default_factory=dict)
     tts_options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def timings(self) -> bool:
+        """Whether the provider reports word timings."""
+        return self.kit.timings
+
     def emulator(self, plan: FaultPlan | None = None, **options: Any) -> WebsocketEmulator:
         """A stopped emulator of this provider (use with ``async with``)."""
-        merged = {**self.emulator_options, **options}
-        if self.name.startswith("elevenlabs"):
-            return ElevenLabsEmulator(plan=plan, **merged)
-        if self.name.startswith("cartesia"):
-            return CartesiaEmulator(plan=plan, **merged)
-        return DeepgramTTSEmulator(plan=plan, **merged)
+        return self.kit.emulator(plan, **{**self.emulator_options, **options})
 
     def stock(self, emulator: Any, *, api_key: str = "test-key", voice: str = "test-voice") -> TTSService:
         """A stock service pointed at ``emulator``."""
-        if self.name.startswith("elevenlabs"):
-            return ElevenLabsTTSService(
-                api_key=api_key, url=emulator.url, settings=ElevenLabsTTSService.Settings(voice=voice)
-            )
-        if self.name.startswith("cartesia"):
-            return CartesiaTTSService(
-                api_key=api_key,
-                url=f"{emulator.url}/tts/websocket",
-                settings=CartesiaTTSService.Settings(voice=voice),
-            )
-        return DeepgramTTSService(
-            api_key=api_key, base_url=emulator.url, settings=DeepgramTTSService.Settings(voice=voice)
-        )
+        return self.kit.stock(emulator, api_key=api_key, voice=voice)
 
     def factory(self, emulator: Any, **options: Any) -> Callable[[], TTSService]:
         """A factory of stock services pointed at ``emulator``."""
-        return lambda: self.stock(emulator, **options)
+        return self.kit.factory(emulator, **options)
 
     def resilient(
         self, emulator: Any, *, retry: RetryPolicy = NO_WAIT, api_key: str = "test-key", **kwargs: Any
@@ -132,41 +117,36 @@ class Provider:
 
     def voice(self, record: ConnectionRecord) -> str | None:
         """The voice a connection was opened with (or its first request asked for)."""
-        if self.name.startswith("elevenlabs"):
-            return record.path.split("/")[3]
-        if self.name.startswith("cartesia"):
-            for message in record.messages:
-                if isinstance(message, dict) and isinstance(message.get("voice"), dict):
-                    return str(message["voice"].get("id"))
-            return None
-        return parse_qs(urlsplit(record.path).query).get("model", [None])[0]
+        return self.kit.voice(record)
 
     def __str__(self) -> str:
         return self.name
 
 
-ELEVENLABS = Provider("elevenlabs")
+ELEVENLABS = Provider("elevenlabs", tts_kit("elevenlabs"))
+CARTESIA = tts_kit("cartesia")
 PROVIDERS = [
     ELEVENLABS,
-    Provider("cartesia-after", emulator_options={"timestamps": "after"}),
+    Provider("cartesia-after", CARTESIA, emulator_options={"timestamps": "after"}),
     # Timings grouped after their audio: a drop before the session's first
     # group came has no timing at all to go by, only the speaking rate the bot
     # was told (without one, such a drop replays the cut sentence: see
     # test_a_first_cut_before_any_timing_is_replayed_never_lost).
     Provider(
         "cartesia-grouped",
+        CARTESIA,
         emulator_options={"timestamps": "grouped", "words_per_timestamps": 3},
         tts_options={"speaking_rate": 100.0},
     ),
-    Provider("cartesia-ahead", emulator_options={"timestamps": "ahead", "words_per_timestamps": 2}),
-    Provider("cartesia-shuffled", emulator_options={"timestamps": "shuffled", "seed": 3}),
+    Provider("cartesia-ahead", CARTESIA, emulator_options={"timestamps": "ahead", "words_per_timestamps": 2}),
+    Provider("cartesia-shuffled", CARTESIA, emulator_options={"timestamps": "shuffled", "seed": 3}),
     # Deepgram speaks the complete sentences of a long enough buffer before the
     # turn's flush, as its docs describe. Without word timings, what was heard
     # is estimated from the speaking rate: the bot is told the emulator's
     # (10 ms a character); tests/test_tts.py also covers a session with none.
     Provider(
         "deepgram",
-        timings=False,
+        tts_kit("deepgram"),
         emulator_options={"auto_generate_chars": 30},
         tts_options={"speaking_rate": 100.0},
     ),

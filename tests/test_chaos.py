@@ -62,6 +62,7 @@ def test_each_interrupted_turn_excuses_its_own_last_word_once() -> None:
         ({"mix": ("close-9999",)}, "unknown fault kinds"),
         ({"turns": 2, "faults": 3}, "faults <= turns"),
         ({"turns": 0}, "turns >= 1"),
+        ({"provider": "acme"}, "unknown TTS provider"),
     ],
 )
 def test_bad_config_is_refused(kwargs: dict, message: str) -> None:
@@ -75,15 +76,35 @@ async def test_short_seeded_schedule_loses_repeats_and_misreports_nothing(tmp_pa
     config = ChaosConfig(
         seed=7, turns=len(FAULT_KINDS) + 2, faults=len(FAULT_KINDS), interruptions=0.2, out=tmp_path
     )
+    await _passes(config, tmp_path)
+
+
+@pytest.mark.parametrize("provider", ["cartesia", "deepgram"])
+async def test_every_provider_passes_the_bench(provider: str, tmp_path) -> None:
+    """The same gate against Cartesia (timings in a seeded mix of orders) and Deepgram (no timings)."""
+    config = ChaosConfig(
+        seed=11,
+        turns=len(FAULT_KINDS) + 2,
+        faults=len(FAULT_KINDS),
+        interruptions=0.2,
+        out=tmp_path,
+        provider=provider,
+    )
+    await _passes(config, tmp_path)
+
+
+async def _passes(config: ChaosConfig, tmp_path) -> None:
     report = await run_chaos(config, stock=False)
     resilient = report.resilient
     assert {t.fault for t in report.schedule if t.fault} == set(FAULT_KINDS)
     assert resilient.lost == []
-    assert resilient.repeated == []
     assert resilient.unheard_in_context == []
-    assert resilient.heard_not_in_context == []
+    # Without word timings a cut sentence may be said again by two words at most.
+    allowed = 0 if config.provider != "deepgram" else 2 * resilient.faults
+    assert len(resilient.repeated) <= allowed
+    assert len(resilient.heard_not_in_context) <= allowed
     assert resilient.errors == 0
-    assert resilient.words_heard == resilient.words_expected > 0
+    assert resilient.words_heard == resilient.words_expected + len(resilient.repeated) > 0
     assert report.passed
     assert "PASS" in format_table(report)
     written = write_outputs(report, tmp_path)

@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
+from pipecat_resilient.testing.speech import samples_per_char
 
 __all__ = ["ConnectionRecord", "ConnectionState", "WorkFailed", "WebsocketEmulator"]
 
@@ -320,6 +321,10 @@ class WebsocketEmulator:
             raise RuntimeError(f"{self.name} is not running")
         sockets = list(self._server.sockets)
         return int(sockets[0].getsockname()[1])
+
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
+        """Samples per character of the speech code at ``sample_rate`` (what a decoder needs)."""
+        return samples_per_char(sample_rate or self.default_sample_rate, self.ms_per_char)
 
     @property
     def url(self) -> str:

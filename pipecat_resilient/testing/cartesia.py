@@ -193,9 +193,6 @@ class CartesiaEmulator(WebsocketEmulator):
         self.seed = seed
         self._sessions: dict[int, _Session] = {}
 
-    def samples_per_char(self, sample_rate: int) -> int:
-        """Samples per character at ``sample_rate`` (what a decoder needs)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
 
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the TTS websocket protocol on one connection."""

@@ -65,7 +65,7 @@ from websockets.http11 import Request, Response
 
 from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, WorkFailed, _Faulted
 from pipecat_resilient.testing.faults import Fault, FaultPlan
-from pipecat_resilient.testing.speech import encode, samples_per_char
+from pipecat_resilient.testing.speech import encode
 
 __all__ = ["DeepgramTTSEmulator"]
 
@@ -184,9 +184,6 @@ class DeepgramTTSEmulator(WebsocketEmulator):
         self.idle_timeout = idle_timeout
         self._sessions: dict[int, _Session] = {}
 
-    def samples_per_char(self, sample_rate: int) -> int:
-        """Samples per character at ``sample_rate`` (what a decoder needs)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
 
     @property
     def models(self) -> list[str | None]:

@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, WorkFailed, _Faulted
 from pipecat_resilient.testing.faults import Fault, FaultPlan
-from pipecat_resilient.testing.speech import encode, samples_per_char
+from pipecat_resilient.testing.speech import encode
 
 __all__ = ["ElevenLabsEmulator"]
 
@@ -110,9 +110,6 @@ class ElevenLabsEmulator(WebsocketEmulator):
         self.realtime = realtime
         self._sessions: dict[int, _Session] = {}
 
-    def samples_per_char(self, sample_rate: int) -> int:
-        """Samples per character at ``sample_rate`` (what a decoder needs)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
 
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the multi-stream-input protocol on one connection."""
