@@ -255,6 +255,9 @@ class WebsocketEmulator:
     name = "emulator"
     api_key_header = "x-api-key"
     scheme = "ws"
+    # The speech code's rate, and the sample rate its audio is usually read at.
+    ms_per_char = 10.0
+    default_sample_rate = 24000
 
     def __init__(
         self,
