@@ -38,6 +38,9 @@ MATCH_WINDOW_CHARS = 64
 # Audio times compare with this tolerance (seconds): providers round them.
 _EPSILON_S = 1e-6
 
+# Text is kept in chunks of about this many characters.
+_CHUNK_CHARS = 512
+
 # Characters that do not count when a timed word is matched to the text.
 _NOT_WORD = re.compile(r"[^\w]+")
 
@@ -65,8 +68,13 @@ class Text:
         """Add ``text`` at the end."""
         if not text:
             return
-        self._parts.append(text)
-        self._starts.append(self._length)
+        if self._parts and len(self._parts[-1]) < _CHUNK_CHARS and self._joined is None:
+            # Tokens are short: gather them into chunks, so that a slice spans
+            # one or two parts (copying at most a chunk per token).
+            self._parts[-1] += text
+        else:
+            self._parts.append(text)
+            self._starts.append(self._length)
         self._length += len(text)
         self._joined = None
 

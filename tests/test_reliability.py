@@ -23,7 +23,7 @@ from pipecat_resilient import ReplayFailed, ResilientTTS, RetryPolicy
 from pipecat_resilient.policy import backoff
 from pipecat_resilient.testing import ElevenLabsEmulator, Fault, FaultPlan, Scenario
 
-from .conftest import SAMPLE_RATE, UNIT, resilient, stock_factory
+from .conftest import ELEVENLABS, SAMPLE_RATE, UNIT, resilient, stock_factory
 
 SENTENCE = "Hello world, this is a test of a dropped socket."
 
@@ -211,3 +211,34 @@ async def test_a_settings_update_while_recovering_loses_nothing() -> None:
         voices = {t: c.path.split("/")[3] for c in emulator.connections for _, t in c.texts}
         assert voices[second] == "voice-b"
         assert all(v == "test-voice" for t, v in voices.items() if t != second)
+
+
+# ----------------------------------------------------------------------
+# A long drain never ends in a word said twice
+# ----------------------------------------------------------------------
+
+
+async def test_a_long_backlog_drained_across_two_drops_is_heard_once() -> None:
+    """A long utterance to a fast provider, two drops: every word once, the context equal to it.
+
+    The failed instance's backlog of received audio takes a while to push out
+    (the stock service's own word bookkeeping grows with the utterance: about
+    a second here); what counts as heard is the audio that actually went out,
+    and the drain may take as long as the recovery's deadline allows, so no
+    word is said twice (it used to be, past a fixed half-second drain).
+    """
+    text = " ".join(f"word{i % 97}" for i in range(700)) + "."
+    plan = FaultPlan(
+        Fault.close(1012, after_audio_chunks=220), Fault.close(1011, after_audio_chunks=150, connection=1)
+    )
+    async with ELEVENLABS.emulator(plan, ms_per_char=1.0, chars_per_chunk=12) as emulator:
+        tts = ELEVENLABS.resilient(emulator)
+        run = Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE))
+        await run.start()
+        await run.send(TTSSpeakFrame(text))
+        await run.wait_until(lambda: run.listener.stopped == 1, 600 * UNIT)
+        await run.end()
+        assert len(emulator.connections) == 3
+        assert run.heard == text.split()
+        assert run.context_words == text.split()
+        assert run.errors == []
