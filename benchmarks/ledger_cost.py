@@ -66,7 +66,8 @@ def main(sizes: list[int]) -> None:
         best = min(one_turn(size) for _ in range(3))
         per_token[size] = best / size
         print(
-            f"{size:>7} tokens in one turn: {best * 1000:8.1f} ms ledger time, {per_token[size] * 1e6:6.2f} us/token"
+            f"{size:>7} tokens in one turn: {best * 1000:8.1f} ms ledger time, "
+            f"{per_token[size] * 1e6:6.2f} us/token"
         )
     ratio = per_token[max(sizes)] / per_token[min(sizes)]
     print(f"per-token cost at {max(sizes)} against {min(sizes)} tokens: {ratio:.2f}x (target: within 2x)")
