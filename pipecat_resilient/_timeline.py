@@ -12,6 +12,11 @@ conservatively (its spread widens the margin), and always rounded *down* to
 the end of a whole word, so that a word is never counted heard on a guess that
 might be wrong: the worst an estimate does is have a word said again.
 
+Only speech moves an estimate: silence in the audio past the last anchor (a
+pause between sentences, measured by :func:`silent_seconds`) covers no text,
+and the whitespace between two pieces of text handed to the provider
+separately (which it never received, so never spoke) takes no time.
+
 :class:`Text` keeps an utterance's text in chunks, so that appending a token and
 reading the few characters around a position cost the same at the end of a
 100,000-token turn as at its start.
@@ -27,7 +32,9 @@ import re
 from collections import deque
 from collections.abc import Iterable
 
-__all__ = ["SpeakingRate", "Text", "Timeline"]
+import numpy as np
+
+__all__ = ["SpeakingRate", "Text", "Timeline", "silent_seconds"]
 
 # How far past the match cursor a word the provider timed may be found.
 # Word timings carry the text as spoken, so normally only whitespace separates
@@ -43,6 +50,31 @@ _CHUNK_CHARS = 512
 
 # Characters that do not count when a timed word is matched to the text.
 _NOT_WORD = re.compile(r"[^\w]+")
+
+# Silence: a window of audio whose samples all stay within this amplitude
+# (16-bit; about -66 dBFS: the digital silence TTS providers put between
+# sentences), in windows of this many seconds.
+SILENCE_PEAK = 16
+SILENCE_WINDOW_S = 0.01
+
+
+def silent_seconds(audio: bytes, sample_rate: int, channels: int = 1) -> float:
+    """Seconds of silence in a piece of 16-bit PCM (whole quiet windows of ``SILENCE_WINDOW_S``).
+
+    A quiet stretch inside a word (a stop consonant) may count too: that only
+    makes an estimate of what was heard smaller, which is the safe side. A
+    piece's tail shorter than a window is not judged (a pause lasts longer).
+    """
+    samples = np.frombuffer(audio, dtype=np.int16, count=len(audio) // 2)
+    if not len(samples) or sample_rate <= 0:
+        return 0.0
+    per_second = sample_rate * max(1, channels)
+    window = max(1, int(per_second * SILENCE_WINDOW_S))
+    whole = len(samples) // window * window
+    if not whole:
+        return 0.0
+    peaks = np.abs(samples[:whole].reshape(-1, window).astype(np.int32)).max(axis=1)
+    return int(np.count_nonzero(peaks <= SILENCE_PEAK)) * window / per_second
 
 
 class Text:
@@ -282,13 +314,18 @@ class Timeline:
 
     __slots__ = (
         "_ahead",
+        "_gaps",
         "_reached",
+        "_reached_silence",
+        "_silence_before",
+        "_spaced_end",
         "audio_s",
         "base",
         "final",
         "handed_end",
         "handed_words",
         "match_pos",
+        "silence_s",
         "text",
         "timed",
     )
@@ -305,17 +342,35 @@ class Timeline:
         self.timed = False  # the provider reported word timings for it
         self._ahead: deque[tuple[int, float]] = deque()  # anchors the audio has not reached
         self._reached = (base, 0.0)  # the furthest anchor it has
+        self.silence_s = 0.0  # of audio_s, how much was silence
+        self._silence_before = 0.0  # silence before the last piece of audio
+        self._reached_silence = 0.0  # silence before the piece that reached the anchor
+        self._spaced_end = True  # the text handed so far ended in whitespace
+        self._gaps: set[int] = set()  # word ends whose following whitespace was never handed
 
     # -- inputs ------------------------------------------------------------
 
-    def handed(self, words: int) -> None:
-        """``words`` more words of the text were handed to the provider in this context."""
+    def handed(self, words: int, text: str | None = None) -> None:
+        """``words`` more words of the text were handed to the provider in this context.
+
+        Args:
+            words: How many words.
+            text: The text as handed, when known: whitespace between it and
+                the text handed before it that neither carries was never
+                spoken.
+        """
+        if text:
+            if words and self.handed_words and not self._spaced_end and not text[:1].isspace():
+                self._gaps.add(self.handed_end)
+            self._spaced_end = text[-1:].isspace()
         self.handed_words += words
         self.handed_end = self.text.words_after(self.handed_end, words)
 
-    def audio(self, seconds: float) -> None:
-        """``seconds`` more audio of this context went downstream."""
+    def audio(self, seconds: float, silence: float = 0.0) -> None:
+        """``seconds`` more audio of this context went downstream, ``silence`` of it silent."""
+        self._silence_before = self.silence_s
         self.audio_s += seconds
+        self.silence_s += min(max(silence, 0.0), seconds)
         self._advance()
 
     def timed_words(
@@ -376,6 +431,9 @@ class Timeline:
         ahead, audio = self._ahead, self.audio_s + _EPSILON_S
         while ahead and ahead[0][1] <= audio:
             self._reached = ahead.popleft()
+            # The silence of the piece of audio that reached it may lie after
+            # it: counting all of it as after only makes estimates smaller.
+            self._reached_silence = self._silence_before
 
     # -- outputs -----------------------------------------------------------
 
@@ -391,8 +449,11 @@ class Timeline:
             return self.handed_end
         position, time = self._reached
         slow = rate.slow(margin=margin)
-        if slow is not None and self.audio_s > time:
-            position += int((self.audio_s - time) / slow + _EPSILON_S)
+        speech = self.audio_s - time - (self.silence_s - self._reached_silence)
+        if slow is not None and speech > 0:
+            if position in self._gaps:
+                position = self.text.next_word_start(position)
+            position += int(speech / slow + _EPSILON_S)
         position = min(position, self.handed_end)
         return self.text.word_end_at_or_before(position, self.base)
 

@@ -480,7 +480,7 @@ class Ledger:
                 entry = (utterance, Timeline(utterance.body, base))
                 utterance.timelines.append(entry[1])
                 self._contexts[context_id] = entry
-            entry[1].handed(len(text.split()))
+            entry[1].handed(len(text.split()), text)
             utterance.stopped = False
         liveness = self._liveness
         if audio_due and liveness.pending_since is None:
@@ -500,8 +500,10 @@ class Ledger:
         if now is not None and silent and self._liveness.pending_since is None:
             self._liveness.pending_since = now
 
-    def audio_pushed(self, context_id: str | None, seconds: float, *, now: float) -> Utterance | None:
-        """``seconds`` of audio for ``context_id`` went downstream from the instance.
+    def audio_pushed(
+        self, context_id: str | None, seconds: float, *, now: float, silence: float = 0.0
+    ) -> Utterance | None:
+        """``seconds`` of audio for ``context_id`` (``silence`` of it silent) went downstream.
 
         Counted whether the instance is live or being drained after a failure
         (what it had received is heard either way).
@@ -516,7 +518,7 @@ class Ledger:
         entry = self._entry(context_id)
         if entry is None:
             return None
-        entry[1].audio(seconds)
+        entry[1].audio(seconds, silence)
         return entry[0] if self._update_voiced(entry[0]) else None
 
     def _entry(self, context_id: str | None) -> tuple[Utterance, Timeline] | None:
@@ -564,7 +566,8 @@ class Ledger:
         timeline.final = True
         if not timeline.timed and timeline.audio_s > 0:
             # A provider without word timings teaches the rate here.
-            self._rate.add(timeline.audio_s, timeline.handed_end - timeline.base)
+            # Speech only: estimates count speech (see Timeline.voiced_end).
+            self._rate.add(timeline.audio_s - timeline.silence_s, timeline.handed_end - timeline.base)
         self._update_voiced(utterance)
         if utterance.flushed:
             # Everything was handed over and all of it was synthesized.

@@ -62,6 +62,7 @@ from pipecat.utils.text.base_text_aggregator import TextType
 
 from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
+from pipecat_resilient._timeline import silent_seconds
 from pipecat_resilient.failures import Failure
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
 from pipecat_resilient.policy import RetryPolicy, check_positive, check_seconds
@@ -450,8 +451,10 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         context_id = getattr(frame, "context_id", None)
         voiced: Utterance | None = None
         if isinstance(frame, TTSAudioRawFrame):
-            seconds = len(frame.audio) / (2 * frame.sample_rate * max(1, frame.num_channels))
-            voiced = ledger.audio_pushed(context_id, seconds, now=now())
+            channels = max(1, frame.num_channels)
+            seconds = len(frame.audio) / (2 * frame.sample_rate * channels)
+            silence = silent_seconds(frame.audio, frame.sample_rate, channels)
+            voiced = ledger.audio_pushed(context_id, seconds, now=now(), silence=silence)
             self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):
             if frame.append_to_context and context_id in hosted.tracked_contexts:

@@ -114,6 +114,79 @@ def test_a_word_whose_audio_all_arrived_counts_before_anything_follows_it() -> N
     assert heard(v) == "one"
 
 
+def test_whitespace_never_handed_to_the_provider_takes_no_audio_time() -> None:
+    """Sentences handed without the space between them: a cut right after the next word counts it heard."""
+    ledger = Ledger(speaking_rate=1 / CHAR_S)
+    u = ledger.turn_started(F())
+    ledger.text_accepted("Address monday price. ")
+    ledger.text_accepted("Phone ship today.")
+    ledger.to_feed()
+    # Pipecat hands each sentence stripped: the provider never gets the space.
+    ledger.text_handed(u, "c", "Address monday price.", now=0.0)
+    ledger.text_handed(u, "c", "Phone ship today.", now=0.0)
+    first = "Address monday price."
+    ledger.words_timed("c", timings(first))
+    # The socket dies after the audio of "Phone" and before its timings.
+    ledger.audio_pushed("c", audio_for(first + "Phone"), now=0.0)
+    assert heard(u) == "Address monday price. Phone"
+    # One character short of it: not heard (rounded down).
+    v = ledger.speak_accepted(F(), "One two. Three four")
+    ledger.to_feed()
+    ledger.text_handed(v, "d", "One two.", now=0.0)
+    ledger.text_handed(v, "d", "Three four", now=0.0)
+    ledger.words_timed("d", timings("One two."))
+    ledger.audio_pushed("d", audio_for("One two.Thre"), now=0.0)
+    assert heard(v) == "One two."
+
+
+def test_a_space_the_provider_was_handed_takes_time() -> None:
+    """The same cut, with the space handed: it was spoken, so "Phone" is one character short."""
+    ledger = Ledger(speaking_rate=1 / CHAR_S)
+    u = ledger.speak_accepted(F(), "Address monday price. Phone ship")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", "Address monday price. ", now=0.0)
+    ledger.text_handed(u, "c", "Phone ship", now=0.0)
+    ledger.words_timed("c", timings("Address monday price."))
+    ledger.audio_pushed("c", audio_for("Address monday price.Phone"), now=0.0)
+    assert heard(u) == "Address monday price."
+
+
+def test_silence_past_the_last_timed_word_covers_no_text() -> None:
+    """A pause between sentences is not speech: the estimate past the last timing counts only speech."""
+    ledger = Ledger(speaking_rate=1 / CHAR_S)
+    u = ledger.speak_accepted(F(), "Alpha beta. Gamma delta")
+    ledger.to_feed()
+    ledger.text_handed(u, "c", "Alpha beta.", now=0.0)
+    ledger.text_handed(u, "c", "Gamma delta", now=0.0)
+    ledger.words_timed("c", timings("Alpha beta."))
+    ledger.audio_pushed("c", audio_for("Alpha beta."), now=0.0)
+    # 50 ms of silence, then the audio of "Gam": without the silence rule the
+    # estimate would reach past "Gamma".
+    ledger.audio_pushed("c", 0.05 + audio_for("Gam"), now=0.0, silence=0.05)
+    assert heard(u) == "Alpha beta."
+    ledger.audio_pushed("c", audio_for("ma"), now=0.0)
+    assert heard(u) == "Alpha beta. Gamma"
+
+
+def test_silent_seconds_counts_whole_quiet_windows() -> None:
+    """10 ms windows whose samples all stay near zero; speech, even quiet speech, is not silence."""
+    import array
+
+    from pipecat_resilient._timeline import silent_seconds
+
+    rate = 16000
+    quiet = array.array("h", [3, -5] * 800).tobytes()  # 100 ms of near-silence
+    assert silent_seconds(array.array("h", [40] * 1600).tobytes(), rate) == 0.0  # quiet sound
+    loud = array.array("h", [2000, -2000] * 400).tobytes()  # 50 ms of sound
+    assert silent_seconds(quiet, rate) == pytest.approx(0.1)
+    assert silent_seconds(loud, rate) == 0.0
+    assert silent_seconds(loud + quiet + loud, rate) == pytest.approx(0.1, abs=0.011)
+    assert silent_seconds(b"", rate) == 0.0
+    # An odd trailing byte, and a tail shorter than a window, are not judged.
+    assert silent_seconds(quiet[:101], rate) == 0.0
+    assert silent_seconds(quiet[:641], rate) == pytest.approx(0.02)
+
+
 def test_unrecognised_words_do_not_move_the_cursor() -> None:
     """A timed word not in the text (or far ahead) anchors nothing; what matched stays."""
     ledger = Ledger()

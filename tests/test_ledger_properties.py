@@ -65,6 +65,9 @@ class Sim:
     settings_waits: dict[int, list[Utterance]] = field(default_factory=dict)
     settings_fed_early: bool = False
     interrupted: set[int] = field(default_factory=set)
+    # Everything keyed by id() above stays alive for the whole run, so that no
+    # id is reused by a later object.
+    keep: list[object] = field(default_factory=list)
 
     # -- the provider instance ---------------------------------------------------
 
@@ -215,7 +218,9 @@ def run(ops: list[tuple], *, rate_known: bool) -> tuple[Sim, list[Utterance]]:
     for op in ops:
         kind = op[0]
         if kind == "speak":
-            utterances.append(ledger.speak_accepted(Frame(), " ".join(op[1])))
+            frame = Frame()
+            utterances.append(ledger.speak_accepted(frame, " ".join(op[1])))
+            sim.keep.append(frame)
         elif kind == "turn":
             start, end = Frame(), Frame()
             u = ledger.turn_started(start)
@@ -223,6 +228,7 @@ def run(ops: list[tuple], *, rate_known: bool) -> tuple[Sim, list[Utterance]]:
                 ledger.text_accepted(" ".join(sentence) + " ")
             ledger.turn_ended(end)
             sim.ends[id(u)] = end
+            sim.keep += [u, start, end]
             ledger.frame_emerged(start)
             if op[1]:
                 utterances.append(u)
@@ -236,6 +242,7 @@ def run(ops: list[tuple], *, rate_known: bool) -> tuple[Sim, list[Utterance]]:
             frame = Frame()
             ledger.settings_accepted(frame)
             sim.settings_waits[id(frame)] = [u for u in utterances if not u.settled]
+            sim.keep.append(frame)
         sim.feed()
     # Let everything still owed be said, without faults.
     for _ in range(2000):
