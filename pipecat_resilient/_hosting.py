@@ -172,6 +172,10 @@ class Host(Generic[S]):
             pushes upstream.
         prepare: Called with each new instance before it is set up, to hook
             into it.
+        spare: Keep an instance built ahead of time for the next :meth:`make`
+            (the one built at construction to check the factory, then one
+            built by :meth:`replenish`), for services whose construction is
+            slow: a recovery then does not wait for the factory.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class Host(Generic[S]):
         downstream: Callable[[Hosted[S], Frame], Awaitable[None]],
         upstream: Callable[[Hosted[S], Frame], Awaitable[None]],
         prepare: Callable[[Hosted[S]], None],
+        spare: bool = False,
     ) -> None:
         """Validate ``factory`` by calling it; raises on bad input."""
         if not callable(factory):
@@ -207,12 +212,15 @@ class Host(Generic[S]):
         # rather than in the middle of a call.
         first = self._call_factory(construction=True)
         try:
-            self._call_factory(construction=True)
+            second: S | None = self._call_factory(construction=True)
         except ReusedInstance:
             raise ValueError(
                 f"{type(owner).__name__}: factory returned the same {type(first).__name__} twice; "
                 "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
             ) from None
+        self._keep_spare = spare
+        self._spare = second if spare else None
+        self._replenishing = False
         self.first: Hosted[S] = self._host(first)
 
     # -- making ----------------------------------------------------------------
@@ -226,6 +234,9 @@ class Host(Generic[S]):
                     f"{type(self._owner).__name__}: the service factory raised {type(exc).__name__}: {exc}"
                 ) from exc
             raise
+        return self._checked(service)
+
+    def _checked(self, service: S) -> S:
         if not isinstance(service, self._expected):
             raise TypeError(
                 f"{type(self._owner).__name__}: factory must return a {self._expected.__name__}, "
@@ -240,8 +251,28 @@ class Host(Generic[S]):
         return service
 
     def make(self) -> Hosted[S]:
-        """Build a fresh instance with the factory (raises what the factory raises)."""
-        return self._host(self._call_factory())
+        """Build a fresh instance with the factory, or take the spare (raises what the factory raises)."""
+        service, self._spare = self._spare, None
+        return self._host(service if service is not None else self._call_factory())
+
+    async def replenish(self) -> None:
+        """Build the spare for the next :meth:`make`, if spares are kept and there is none.
+
+        The factory runs in a worker thread, so that a slow constructor (an SDK
+        loading its CA bundle) does not hold up the event loop.
+        """
+        if not self._keep_spare or self._spare is not None or self._replenishing:
+            return
+        self._replenishing = True
+        try:
+            service = await asyncio.to_thread(self._factory)
+            if self._spare is None:
+                self._spare = self._checked(service)
+        except Exception as exc:
+            # The next make() calls the factory itself, and reports it there.
+            logger.debug(f"{self._owner}: building a spare instance failed ({type(exc).__name__}: {exc})")
+        finally:
+            self._replenishing = False
 
     @property
     def latest(self) -> Hosted[S]:

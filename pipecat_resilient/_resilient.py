@@ -197,6 +197,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             downstream=self._on_instance_downstream,
             upstream=self._on_instance_upstream,
             prepare=self._prepare_hosted,
+            spare=self._spare_instance,
         )
 
     # ------------------------------------------------------------------
@@ -292,6 +293,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         """Journal and feed any frame but a StartFrame or a CancelFrame (subclasses)."""
         await self._pass(frame, direction)
 
+    # Whether to keep an instance built ahead of time for the next recovery
+    # (subclasses whose stock services are slow to construct).
+    _spare_instance = False
+
     # The settings frame type the hosted service applies (subclasses).
     _settings_frame: type[ServiceUpdateSettingsFrame] = ServiceUpdateSettingsFrame
 
@@ -383,6 +388,9 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _from_failed(self, hosted: Hosted[S], frame: Frame) -> None:
         """A frame came out of an instance that failed (dropped unless a subclass needs it)."""
 
+    async def _from_connecting(self, hosted: Hosted[S], frame: Frame) -> None:
+        """A frame came out of an instance still being connected (dropped unless a subclass keeps it)."""
+
     def _before_connect(self, hosted: Hosted[S]) -> None:
         """Configure a fresh instance before it is set up (e.g. to resume a session)."""
 
@@ -428,6 +436,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         if hosted is not self._live:
             if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
                 await self._from_failed(hosted, frame)
+            elif hosted.state is HostedState.CONNECTING:
+                await self._from_connecting(hosted, frame)
             return
         if id(frame) in hosted.swallow:
             hosted.swallow.discard(id(frame))
@@ -716,12 +726,22 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         units, chars = await self._feed_pending()
         await self._after_restore(hosted)
         downtime = now() - (self._lost_at or now())
+        report = self._recovery_report(failure, episode.attempts, downtime, units, chars)
         logger.info(
             f"{self}: recovered on attempt {episode.attempts} after {downtime:.3f}s; "
-            f"replayed {chars} characters in {units} unit(s)"
+            f"replayed {self._replay_summary(report)}"
         )
-        report = RecoveryReport(failure, episode.attempts, downtime, units, chars)
         await self._call_event_handler("on_connection_recovered", report)
+
+    def _recovery_report(
+        self, failure: Failure | None, attempts: int, downtime: float, units: int, chars: int
+    ) -> RecoveryReport:
+        """What one recovery did, for ``on_connection_recovered`` (a subclass may add its own figures)."""
+        return RecoveryReport(failure, attempts, downtime, units, chars)
+
+    def _replay_summary(self, report: RecoveryReport) -> str:
+        """What was replayed, for the log."""
+        return f"{report.replayed_chars} characters in {report.replayed_utterances} unit(s)"
 
     async def _give_up(self, reason: str, episode: Episode) -> None:
         await self._drained()

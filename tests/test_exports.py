@@ -7,7 +7,18 @@ import importlib
 import pipecat_resilient
 import pipecat_resilient.testing
 
-PUBLIC_MODULES = ["errors", "failures", "health", "ledger", "llm", "policy", "redis_health", "tts"]
+PUBLIC_MODULES = [
+    "audio_journal",
+    "errors",
+    "failures",
+    "health",
+    "ledger",
+    "llm",
+    "policy",
+    "redis_health",
+    "stt",
+    "tts",
+]
 
 
 def test_top_level_exports_are_real_and_documented() -> None:

@@ -55,12 +55,15 @@ from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
+    MetricsFrame,
+    ServiceMetadataFrame,
     TranscriptionFrame,
     UserStartedSpeakingFrame,
     UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
@@ -266,15 +269,24 @@ class TranscriptRecorder(FrameProcessor):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.finals: list[Transcript] = []
         self.interims: list[Transcript] = []
+        self.metrics: list[MetricsFrame] = []
+        self.service_metadata: list[ServiceMetadataFrame] = []
+        self.audio_frames = 0
         self._on_change = on_change
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        """Record transcripts, then pass everything on."""
+        """Record transcripts (and metrics, service metadata), then pass everything on."""
         await super().process_frame(frame, direction)
         if isinstance(frame, TranscriptionFrame):
             self.finals.append(Transcript(frame.text, time.monotonic(), frame.finalized))
         elif isinstance(frame, InterimTranscriptionFrame):
             self.interims.append(Transcript(frame.text, time.monotonic()))
+        elif isinstance(frame, InputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
+            self.audio_frames += 1
+        elif isinstance(frame, MetricsFrame):
+            self.metrics.append(frame)
+        elif isinstance(frame, ServiceMetadataFrame) and direction is FrameDirection.DOWNSTREAM:
+            self.service_metadata.append(frame)
         await self.push_frame(frame, direction)
         if self._on_change is not None:
             self._on_change()
@@ -311,6 +323,14 @@ class STTScenario(PipelineRun):
         user_turn_stop_timeout: Seconds without a turn signal before the
             aggregator gives up on a turn.
         context: The conversation; a new, empty one when omitted.
+        user_turn_strategies: The aggregator's turn strategies, in place of
+            the VAD-driven ones (``ExternalUserTurnStrategies()`` for a
+            provider that owns turn detection).
+        observers: Pipeline observers (``TranscriptionLogObserver()``...).
+        enable_metrics: Collect processing and usage metrics
+            (:attr:`TranscriptRecorder.metrics`).
+        after: Processors put right after the STT (a pass-through stage, to
+            measure what one more stage costs).
     """
 
     stt: FrameProcessor
@@ -318,6 +338,10 @@ class STTScenario(PipelineRun):
     user_speech_timeout: float = 0.2
     user_turn_stop_timeout: float = 5.0
     context: LLMContext = field(default_factory=LLMContext)
+    user_turn_strategies: UserTurnStrategies | None = None
+    observers: Sequence[BaseObserver] = ()
+    enable_metrics: bool = False
+    after: Sequence[FrameProcessor] = ()
     recorder: UpstreamRecorder = field(init=False)
     transcripts: TranscriptRecorder = field(init=False)
     speaking_since: float | None = field(init=False, default=None)
@@ -332,7 +356,7 @@ class STTScenario(PipelineRun):
 
     async def start(self, timeout: float = 10.0) -> None:
         """Build and start the pipeline; return once the StartFrame got through."""
-        strategies = UserTurnStrategies(
+        strategies = self.user_turn_strategies or UserTurnStrategies(
             start=[VADUserTurnStartStrategy()],
             stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=self.user_speech_timeout)],
         )
@@ -340,9 +364,16 @@ class STTScenario(PipelineRun):
             user_turn_strategies=strategies, user_turn_stop_timeout=self.user_turn_stop_timeout
         )
         user = LLMContextAggregatorPair(self.context, user_params=params).user()
-        pipeline = Pipeline([self.recorder, self.stt, self.transcripts, user, self._tail])
+        pipeline = Pipeline([self.recorder, self.stt, *self.after, self.transcripts, user, self._tail])
         self._worker, self._task = await start_worker(
-            pipeline, params=PipelineParams(audio_in_sample_rate=self.sample_rate), timeout=timeout
+            pipeline,
+            params=PipelineParams(
+                audio_in_sample_rate=self.sample_rate,
+                enable_metrics=self.enable_metrics,
+                enable_usage_metrics=self.enable_metrics,
+            ),
+            observers=list(self.observers),
+            timeout=timeout,
         )
 
     async def end(self, timeout: float = 20.0) -> None:
@@ -425,11 +456,19 @@ class STTScenario(PipelineRun):
         Raises:
             TimeoutError: If it does not hold within ``timeout`` seconds.
         """
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), _POLL_SECONDS)
+        # A deadline rather than asyncio.timeout() around wait_for(): Pipecat
+        # replaces wait_for with wait_for2, whose answer to a cancellation that
+        # races a completion (CancelledWithResultError) asyncio.timeout() would
+        # not turn into a TimeoutError.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(_POLL_SECONDS, remaining))
 
     async def settle(self, done: Callable[[], bool], *, idle: float = 1.0, limit: float = 20.0) -> bool:
         """Wait until ``done()`` holds, or no transcript arrived for ``idle`` seconds, or ``limit`` passed.

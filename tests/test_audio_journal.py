@@ -1,0 +1,365 @@
+"""The audio journal, driven synchronously: what is fed, what is replayed after a drop, what repeats."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipecat_resilient.audio_journal import AudioJournal, Entry, EntryKind
+from pipecat_resilient.errors import InvalidState
+from pipecat_resilient.ledger import State
+
+CHUNK = 0.02  # seconds per audio chunk, as a transport delivers them
+
+
+def journal(**options: float) -> AudioJournal:
+    settings = {"replay_margin_s": 0.0, "max_buffered_audio_s": 30.0}
+    settings.update(options)
+    return AudioJournal(**settings)  # type: ignore[arg-type]
+
+
+def speak(j: AudioJournal, chunks: int, *, send: bool = True, now: float = 0.0) -> list[Entry]:
+    """Accept ``chunks`` audio chunks and, when ``send``, feed and send them all."""
+    entries = [j.audio_accepted(f"a{j.position:.2f}", CHUNK) for _ in range(chunks)]
+    if send:
+        for entry in j.to_feed():
+            if entry.kind is EntryKind.AUDIO:
+                j.audio_sent(entry, now=now)
+                j.send_finished()
+    return entries
+
+
+def fed(j: AudioJournal) -> list[object]:
+    return [entry.frame for entry in j.to_feed()]
+
+
+def test_audio_is_fed_once_in_order() -> None:
+    """Each chunk accepted is handed to the live instance once, in order."""
+    j = journal()
+    j.audio_accepted("a", CHUNK)
+    j.audio_accepted("b", CHUNK)
+    assert fed(j) == ["a", "b"]
+    assert fed(j) == []
+    j.audio_accepted("c", CHUNK)
+    assert fed(j) == ["c"]
+    assert j.caught_up
+    assert j.position == pytest.approx(3 * CHUNK)
+
+
+def test_a_final_releases_the_audio_it_covers() -> None:
+    """Audio is held until the provider finalized it (plus the margin), then forgotten."""
+    j = journal(replay_margin_s=0.1)
+    speak(j, 50)  # 1 s
+    assert j.held_s == pytest.approx(1.0)
+    assert j.result_received([(0.1, 0.3), (0.35, 0.6)], end=0.6, final=True) == 0
+    assert j.heard_until == pytest.approx(0.6)
+    assert j.held_s == pytest.approx(0.5)  # from 0.5 s (0.6 - margin) on
+
+
+def test_an_interim_finalizes_nothing() -> None:
+    """An interim result does not move what is final."""
+    j = journal()
+    speak(j, 50)
+    j.result_received([(0.1, 0.3)], end=None, final=False)
+    assert j.heard_until == 0.0
+    assert j.held_s == pytest.approx(1.0)
+
+
+def test_a_drop_replays_from_the_end_of_the_last_final_result() -> None:
+    """After a drop a fresh instance gets the audio from a little before the final's end, then the live."""
+    j = journal(replay_margin_s=0.1)
+    entries = speak(j, 50)
+    j.result_received([(0.2, 0.5)], end=0.5, final=True)
+    j.connection_lost(now=1.0)
+    assert j.state is State.RECOVERING
+    assert j.to_feed() == []  # nothing is fed while recovering
+    during = j.audio_accepted("live", CHUNK)
+    j.connection_restored(now=1.1)
+    replay = j.to_feed()
+    # From the chunk holding 0.4 s (0.5 - margin): chunk 20 starts at 0.4 s.
+    assert replay == [*entries[20:], during]
+    assert j.replayed_s == pytest.approx(31 * CHUNK)
+
+
+def test_the_replay_cut_snaps_to_the_chunk_holding_it() -> None:
+    """A cut in the middle of a chunk starts the replay with that chunk, so no word is cut in half."""
+    j = journal(replay_margin_s=0.0)
+    entries = speak(j, 10)
+    j.result_received([(0.05, 0.075)], end=0.075, final=True)
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    assert j.to_feed() == entries[3:]  # chunk 3 covers 0.06 to 0.08
+
+
+def test_words_of_the_replay_that_repeat_a_final_are_counted_by_time() -> None:
+    """Words whose middle lies before the old final's end repeat it; their text does not matter."""
+    j = journal(replay_margin_s=0.2)
+    speak(j, 50)  # caller 0 to 1 s
+    j.result_received([(0.5, 0.8)], end=0.8, final=True)  # "table." finalized up to 0.8
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    for entry in j.to_feed():
+        j.audio_sent(entry, now=0.0)
+    # The fresh connection's clock starts at the replay: caller 0.6 s is its 0.
+    # A fragment of the last word (0.6 to 0.8) repeats; the next word is new.
+    assert j.result_received([(0.0, 0.2), (0.25, 0.35)], end=None, final=False) == 1
+    assert j.result_received([(0.0, 0.2)], end=0.2, final=True) == 1
+    assert j.result_received([(0.25, 0.35)], end=0.35, final=True) == 0
+    assert j.heard_until == pytest.approx(0.95)
+
+
+def test_words_of_the_first_connection_are_never_repeats() -> None:
+    """Without a drop nothing is dropped, however the results overlap."""
+    j = journal()
+    speak(j, 50)
+    assert j.result_received([(0.0, 0.5)], end=0.6, final=True) == 0
+    assert j.result_received([(0.55, 0.7)], end=0.7, final=True) == 0
+
+
+def test_the_stream_clock_maps_back_across_gaps() -> None:
+    """Audio not sent (muted) and silence the service sent itself are gaps in the map."""
+    j = journal()
+    first = speak(j, 10)  # 0 to 0.2 s, sent
+    speak(j, 10, send=False)  # 0.2 to 0.4 s, accepted, never sent (muted)
+    j.to_feed()
+    j.silence_sent(0.5)  # a keepalive: stream 0.2 to 0.7 s is nobody's audio
+    third = [j.audio_accepted("late", CHUNK) for _ in range(10)]  # caller 0.4 to 0.6 s
+    for entry in j.to_feed():
+        j.audio_sent(entry, now=0.0)
+    assert first[0].start == 0.0 and third[0].start == pytest.approx(0.4)
+    # Stream 0.75 s is 0.05 s into the third part.
+    j.result_received([(0.75, 0.8)], end=0.8, final=True)
+    assert j.heard_until == pytest.approx(0.5)
+
+
+def test_a_planned_reconnect_replays_into_the_new_stream() -> None:
+    """A service reconnecting itself (new settings) starts a new stream: the audio not final is replayed."""
+    j = journal()
+    entries = speak(j, 25)
+    j.result_received([(0.1, 0.2)], end=0.2, final=True)
+    j.stream_started()
+    assert j.to_feed() == entries[10:]
+    assert j.state is State.LIVE
+
+
+def test_a_finalize_acknowledgement_finalizes_the_audio_sent_before_it() -> None:
+    """Everything sent before an acknowledged finalize request is final, less what the service held back."""
+    j = journal()
+    speak(j, 50)
+    j.finalize_requested(now=1.0, held_back_s=0.04)
+    speak(j, 5)
+    j.finalize_confirmed()
+    assert j.heard_until == pytest.approx(0.96)
+    j.finalize_confirmed()  # a second one acknowledges nothing more
+    assert j.heard_until == pytest.approx(0.96)
+
+
+def test_silence_after_finalized_speech_is_final_too() -> None:
+    """Once the caller is silent and everything said is final, old silence is not held."""
+    j = journal(silence_guard_s=0.5)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    j.to_feed()
+    speak(j, 10)  # silence that is not final yet (the last word is not)
+    assert j.heard_until == 0.0
+    j.result_received([(0.5, 0.8)], end=0.8, final=True)  # speech ended at 1.0 - 0.2
+    speak(j, 100)  # 2 s of silence
+    assert j.heard_until == pytest.approx(j.position - 0.5)
+    assert j.held_s < 0.6
+
+
+def test_silence_is_not_final_while_speech_is_not() -> None:
+    """A word said before the VAD stop that the provider has not finalized keeps the silence after it."""
+    j = journal(silence_guard_s=0.5)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    j.to_feed()
+    j.result_received([(0.1, 0.4)], end=0.4, final=True)  # "...": words after 0.4 s not final
+    speak(j, 100)
+    assert j.heard_until == pytest.approx(0.4)
+
+
+def test_the_caller_state_at_the_cut_is_replayed_first() -> None:
+    """A replay that starts in the middle of speech while muted starts with the mute and the VAD start."""
+    j = journal()
+    mute = j.mute_accepted("mute", mute=True)
+    start = j.vad_accepted("start", speaking=True)
+    speak(j, 50)
+    j.result_received([(0.0, 0.5)], end=0.5, final=True)  # the cues are trimmed with the audio
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    replay = j.to_feed()
+    assert replay[:2] == [mute, start]
+    assert all(entry.kind is EntryKind.AUDIO for entry in replay[2:])
+
+
+def test_a_stop_within_the_replay_is_replayed_in_place() -> None:
+    """A VAD stop after the cut goes to the fresh instance between the audio it came between."""
+    j = journal()
+    j.vad_accepted("start", speaking=True)
+    before = speak(j, 10)
+    stop = j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    after = speak(j, 5)
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    replay = j.to_feed()
+    assert replay[1:] == [*before, stop, *after]
+
+
+def test_frames_held_while_recovering_are_fed_once_after_the_replay() -> None:
+    """A frame that waited for a fresh instance is fed after the replay, and never again."""
+    j = journal()
+    speak(j, 5)
+    j.connection_lost(now=0.0)
+    held = j.frame_accepted("end", direction="down")
+    j.connection_restored(now=0.0)
+    replay = j.to_feed()
+    assert replay[-1] is held
+    held.fed = True  # the shell marks it once fed
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    assert held not in j.to_feed()
+
+
+def test_the_bound_drops_the_oldest_audio_and_says_how_much() -> None:
+    """Over the bound the oldest audio goes first; how much (and how much of it speech) is reported once."""
+    j = journal(max_buffered_audio_s=1.0)
+    speak(j, 25)  # 0.5 s before any VAD: speech, as far as anyone knows
+    j.vad_accepted("start", speaking=True)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    j.to_feed()
+    speak(j, 50)
+    assert j.dropped
+    assert j.held_s == pytest.approx(1.0)
+    dropped, speech = j.take_dropped()
+    assert dropped == pytest.approx(0.5)
+    assert speech == pytest.approx(0.5)
+    assert not j.dropped and j.take_dropped() == (0.0, 0.0)
+
+
+def test_a_vad_start_tags_the_audio_just_before_it_as_speech() -> None:
+    """Speech starts before the VAD says so: the audio just before a start counts as speech."""
+    j = journal()
+    j.vad_accepted("start", speaking=True)
+    speak(j, 25)
+    j.vad_accepted("stop", speaking=False)  # the speech is not final: the silence after it is held
+    early = speak(j, 50)
+    j.vad_accepted("start", speaking=True)
+    assert [e.speech for e in early] == [False] * 25 + [True] * 25
+
+
+def test_overdue_when_speech_goes_unanswered() -> None:
+    """Speech sent with nothing back for stall_timeout is a stall; a message resets it; silence never is."""
+    j = journal(stall_timeout=2.0)
+    speak(j, 50, now=0.0)  # silence (no VAD start yet): nothing owed
+    assert j.overdue(now=10.0) is None
+    j.vad_accepted("start", speaking=True)
+    speak(j, 5, now=10.0)
+    assert j.overdue(now=11.9) is None
+    j.message_received(now=11.9)
+    speak(j, 25, now=12.0)
+    assert j.overdue(now=13.9) is None
+    speak(j, 10, now=12.1)  # the silence the VAD waits for
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    assert "after the caller spoke" in (j.overdue(now=14.1) or "")
+
+
+def test_the_silence_before_a_vad_stop_owes_nothing() -> None:
+    """Audio sent after the provider's last message that was the silence before a VAD stop is not owed."""
+    j = journal(stall_timeout=2.0)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 25, now=0.0)
+    j.message_received(now=0.1)  # the last word's final
+    speak(j, 10, now=0.2)  # silence, while the VAD still says speaking
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    assert j.overdue(now=5.0) is None
+
+
+def test_overdue_when_shown_words_are_not_finalized() -> None:
+    """Words shown in an interim and not finalized within finalize_timeout of a request: a stall."""
+    j = journal(finalize_timeout=0.5)
+    speak(j, 50)
+    j.finalize_requested(now=0.0)
+    assert j.overdue(now=1.0) is None  # nothing was shown: nothing is owed
+    j.result_received([(0.2, 0.4)], end=None, final=False)
+    assert "finalize" in (j.overdue(now=1.0) or "")
+    j.result_received([(0.2, 0.4)], end=0.4, final=True)
+    assert j.overdue(now=1.0) is None
+
+
+def test_words_shown_after_a_finalize_request_are_not_owed_by_it() -> None:
+    """A finalize request covers the audio sent before it; words said after it owe it nothing."""
+    j = journal(finalize_timeout=0.5)
+    speak(j, 10)
+    j.finalize_requested(now=0.0)  # nothing pending: the provider may not answer at all
+    speak(j, 40)
+    j.result_received([(0.4, 0.6)], end=None, final=False)
+    assert j.overdue(now=1.0) is None
+
+
+def test_overdue_when_a_send_does_not_complete() -> None:
+    """A send still in progress after send_timeout is a stall."""
+    j = journal(send_timeout=2.0)
+    j.audio_accepted("a", CHUNK)
+    [entry] = j.to_feed()
+    j.audio_sent(entry, now=0.0)
+    assert j.overdue(now=1.9) is None
+    assert "send" in (j.overdue(now=2.1) or "")
+    j.send_finished()
+    assert j.overdue(now=2.1) is None
+
+
+def test_nothing_is_overdue_without_observed_messages() -> None:
+    """A provider whose messages are not observed is never taken for a stalled one by its silence."""
+    j = AudioJournal(stall_timeout=1.0, replay_margin_s=0.0, observes_messages=False)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 5)
+    assert j.overdue(now=10.0) is None
+
+
+def test_speech_reported_twice_for_one_turn_is_passed_once() -> None:
+    """The provider's speech start is news once per turn, and never for audio already final."""
+    j = journal(replay_margin_s=0.0)
+    speak(j, 50)
+    assert j.speech_reported(0.1)
+    j.connection_lost(now=0.0)
+    j.connection_restored(now=0.0)
+    assert not j.speech_reported(0.0)  # the same turn, announced again by the fresh connection
+    j.result_received([(0.1, 0.5)], end=0.5, final=True)
+    assert j.speech_reported(0.6)  # the next turn
+
+
+def test_giving_up_says_what_was_never_final() -> None:
+    """Recovery giving up reports the audio not finalized, and the frames to pass on."""
+    j = journal()
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50)
+    j.result_received([(0.0, 0.4)], end=0.4, final=True)
+    j.connection_lost(now=0.0)
+    stop = j.vad_accepted("stop", speaking=False)
+    stop.passed = False
+    j.frame_accepted("end", direction="down")
+    lost = j.gave_up()
+    assert lost.audio_s == pytest.approx(0.6)
+    assert lost.speech_s == pytest.approx(0.6)
+    assert lost.frames == (("stop", None), ("end", "down"))
+    assert j.state is State.FAILED
+    with pytest.raises(InvalidState):
+        j.audio_accepted("more", CHUNK)
+    j.revived()
+    assert j.state.name == "RECOVERING"
+
+
+def test_misuse_is_an_invalid_state() -> None:
+    """Losing a connection that is not live, or restoring one that is, is a bug in the caller."""
+    j = journal()
+    with pytest.raises(InvalidState):
+        j.connection_restored(now=0.0)
+    j.connection_lost(now=0.0)
+    with pytest.raises(InvalidState):
+        j.connection_lost(now=0.0)
+    with pytest.raises(InvalidState):
+        j.stream_started()
+    with pytest.raises(InvalidState):
+        j.revived()
