@@ -1,10 +1,11 @@
 """The demo's LLM cases: stock Pipecat and ResilientLLM under the same broken stream or session.
 
-Two cases, each run twice at once on embedded emulators with the same fault:
+Three cases, each run twice at once on embedded emulators with the same fault:
 an OpenAI-style answer stream that breaks mid-answer (``OpenAILLMService``),
-and a Gemini Live session closed with 1007 mid-reply
-(``GeminiLiveLLMService``). Needs the ``openai`` and ``google`` extras; the
-demo skips what is not installed.
+a Gemini Live session closed with 1007 mid-reply (``GeminiLiveLLMService``),
+and an OpenAI Realtime session dropped mid-reply (``OpenAIRealtimeLLMService``,
+which has no recovery at all in Pipecat 1.14). Needs the ``openai`` and
+``google`` extras; the demo skips what is not installed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ANSWER = (
 STORY_REQUEST = "Tell me a short story."
 STORY = "Once upon a time a socket closed in the middle of a sentence, and nobody noticed but the listener."
 GEMINI_MODEL = "models/gemini-2.5-flash-native-audio-preview-12-2025"
+REALTIME_MODEL = "gpt-realtime"
+GREETING = "Hello."
 
 
 @dataclass
@@ -132,6 +135,75 @@ async def _gemini_side(*, resilient: bool, realtime: bool) -> LLMSideResult:
         )
 
 
+async def _openai_realtime_side(*, resilient: bool, realtime: bool) -> LLMSideResult:
+    from pipecat.services.openai.realtime import events
+    from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
+
+    from pipecat_resilient.llm import ResilientLLM
+    from pipecat_resilient.testing.faults import Fault, FaultPlan
+    from pipecat_resilient.testing.harness import SessionScenario
+    from pipecat_resilient.testing.openai_realtime import OpenAIRealtimeEmulator
+
+    greeting_reply = "Hi! What can I do for you?"
+    chunks_before = -(-len(greeting_reply) // 5)  # the greeting's audio chunks, five characters each
+    plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=chunks_before + 6))
+    ms_per_char = 20.0 if realtime else 5.0
+    async with OpenAIRealtimeEmulator(
+        plan=plan,
+        script={GREETING: greeting_reply, STORY_REQUEST: STORY},
+        transcript="before_audio",
+        realtime=realtime,
+        ms_per_char=ms_per_char,
+        input_ms_per_char=10.0,
+    ) as emulator:
+
+        def make() -> OpenAIRealtimeLLMService:
+            audio_input = events.AudioInput(
+                transcription=events.InputAudioTranscription(),
+                turn_detection=events.TurnDetection(silence_duration_ms=100),
+            )
+            properties = events.SessionProperties(audio=events.AudioConfiguration(input=audio_input))
+            return OpenAIRealtimeLLMService(
+                api_key="demo-key",
+                base_url=emulator.base_url,
+                settings=OpenAIRealtimeLLMService.Settings(
+                    model=REALTIME_MODEL, session_properties=properties
+                ),
+            )
+
+        llm: FrameProcessor = ResilientLLM(make) if resilient else make()
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            listener = run.listener
+            # A greeting first (the session learns how fast its model speaks), then the request, spoken.
+            await run.start_conversation(GREETING)
+            try:
+                await listener.wait_until(lambda: listener.responses_ended >= 1, 15.0)
+                await asyncio.sleep(0.3)
+            except TimeoutError:
+                pass
+            greeting_words = len(listener.heard)
+            await run.speak(STORY_REQUEST, sample_rate=24000)
+            await listener.settle(
+                lambda: (
+                    len(listener.heard) >= greeting_words + len(STORY.split())
+                    and listener.started == listener.stopped
+                )
+            )
+        said = listener.heard[greeting_words:]
+        context = " ".join(run.assistant_texts).split()[len(greeting_reply.split()) :]
+        return LLMSideResult(
+            "ResilientLLM(OpenAIRealtimeLLMService)" if resilient else "stock OpenAIRealtimeLLMService",
+            STORY,
+            " ".join(said),
+            " ".join(context),
+            len(run.errors),
+            len(emulator.connections),
+            # The stock service opens each reply it asks for with two response
+            # starts; its spoken part is bracketed once.
+            listener.started - listener.stopped,
+        )
+
+
 def _quote(text: str, width: int = 96) -> str:
     text = text or "(nothing)"
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -183,6 +255,12 @@ async def run_llm_cases(
         out("\n(skipping the Gemini Live case: pip install 'pipecat-resilient[google]')")
     else:
         cases.append(("Gemini Live closes the session with 1007 mid-reply", _gemini_side))
+    try:
+        import pipecat.services.openai.realtime.llm  # noqa: F401
+    except ImportError:
+        out("\n(skipping the OpenAI Realtime case: pip install 'pipecat-resilient[openai]')")
+    else:
+        cases.append(("An OpenAI Realtime session drops mid-reply (1011)", _openai_realtime_side))
     results = await asyncio.gather(
         *[
             asyncio.gather(side(resilient=False, realtime=realtime), side(resilient=True, realtime=realtime))

@@ -70,13 +70,17 @@ __all__ = ["RecoveryReport", "ResilientLLM"]
 
 
 def _is_realtime(service: object) -> bool:
-    """Whether ``service`` is a speech-to-speech session (Gemini Live).
+    """Whether ``service`` is a speech-to-speech session (Gemini Live, OpenAI Realtime).
 
-    Told by class name, not by importing Gemini's module: that import logs an
-    ERROR in an install without the ``google`` extra.
+    Told by class name, not by importing the providers' modules: that import
+    logs an ERROR in an install without the provider's extra.
     """
     return any(
-        cls.__name__ == "GeminiLiveLLMService" and cls.__module__.startswith("pipecat.services.google")
+        (cls.__name__ == "GeminiLiveLLMService" and cls.__module__.startswith("pipecat.services.google"))
+        or (
+            cls.__name__ == "OpenAIRealtimeLLMService"
+            and cls.__module__.startswith("pipecat.services.openai")
+        )
         for cls in type(service).__mro__
     )
 

@@ -16,8 +16,8 @@ async def test_demo_shows_the_difference() -> None:
         assert resilient.words.honest
         assert resilient.errors == 0
     assert any("every word heard once" in line for line in lines)
-    # The LLM cases: an OpenAI stream and a Gemini Live session, cut mid-answer.
-    assert len(last_llm_results) == 2
+    # The LLM cases: an OpenAI stream, a Gemini Live session and an OpenAI Realtime one, cut mid-answer.
+    assert len(last_llm_results) == 3
     for stock, resilient in last_llm_results:
         assert not stock.complete
         assert resilient.complete

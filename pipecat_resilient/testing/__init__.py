@@ -39,9 +39,9 @@ from the audio itself.
 from pipecat_resilient.testing.assemblyai import AssemblyAIEmulator
 from pipecat_resilient.testing.cartesia import CartesiaEmulator
 from pipecat_resilient.testing.deepgram_stt import DeepgramSTTEmulator
+from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
 from pipecat_resilient.testing.elevenlabs import ElevenLabsEmulator
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
-from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
 from pipecat_resilient.testing.gemini_live import GeminiLiveEmulator, Silent, ToolCall
 from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenario, UpstreamRecorder
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator

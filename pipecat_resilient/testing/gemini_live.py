@@ -49,9 +49,10 @@ The model:
     turn that is no such prefix (a whole reply, other words) is not
     continued: the content is answered as any other;
   - by a user input worded as :class:`~pipecat_resilient.llm.ResilientLLM`
-    words it (``... last message was: "Q". Of your answer the user heard
-    only: "H". ...``): the continuation of Q's reply after the words of H
-    (the whole reply when H is missing).
+    worded it before it gave the model its own partial turn (``... last
+    message was: "Q". Of your answer the user heard only: "H". ...``): the
+    continuation of Q's reply after the words of H (the whole reply when H
+    is missing). Kept to test clients that still ask that way.
 * User input is a ``client_content`` whose ``turnComplete`` is true (its last
   user turn, or the last one sent before it), a non-blank realtime ``text``,
   or an audio utterance. Audio is decoded as speech code: an utterance ends at
@@ -98,9 +99,10 @@ How it fails without closing the socket, as users of the real service report:
   that runs past, or stops short of, what was heard.
 * A reply may come as output transcription with no audio at all, as about
   6.5 % of real replies do: a script entry wrapped in :class:`Silent` (every
-  answer to that input, continuations included), or the replies numbered in
-  ``silent_replies``. The turn ends as usual, and the history holds the reply
-  as if it had been spoken.
+  answer to that input, continuations included), the replies numbered in
+  ``silent_replies``, or the next one
+  (:meth:`GeminiLiveEmulator.silence_next_reply`). The turn ends as usual,
+  and the history holds the reply as if it had been spoken.
 * A reply numbered in ``quiet_replies`` goes quiet after the given number of
   audio chunks (and the transcription due by then): nothing more comes for
   it, no ``turnComplete`` either, and the socket stays open. New input
@@ -665,6 +667,10 @@ class GeminiLiveEmulator(WebsocketEmulator):
     def expire_handles(self) -> None:
         """Forget every handle issued so far, so resuming with one is refused."""
         self._handles.clear()
+
+    def silence_next_reply(self) -> None:
+        """Have the next reply the model begins, on any connection, come as transcription only."""
+        self.silent_replies = self.silent_replies | {len(self._reply_log)}
 
     def mute(self, connection: int = -1) -> None:
         """Make a connection's session stop answering, with its socket left open.

@@ -1,0 +1,46 @@
+"""The speech-to-speech chaos bench: a short seeded schedule, stock and resilient side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipecat_resilient.chaos_llm import LLMChaosConfig, format_table, main, make_schedule, run_llm_chaos
+
+
+@pytest.mark.parametrize(
+    ("provider", "mix"),
+    [("gemini-live", ("close-1011", "abort", "silent")), ("openai-realtime", ("close-1011", "error"))],
+)
+async def test_the_resilient_side_hears_every_word_once_and_the_stock_side_does_not(
+    provider: str, mix: tuple[str, ...]
+) -> None:
+    """Same faults: the stock service loses words; ResilientLLM loses, repeats and misreports none."""
+    config = LLMChaosConfig(
+        provider=provider,
+        seed=3,
+        turns=3,
+        faults=2,
+        mix=mix,
+        idle=0.8,
+        turn_limit=5.0,
+        continuation_hold_s=3.0,
+    )
+    report = await run_llm_chaos(config)
+    assert report.ok, format_table(report)
+    assert report.resilient.unanswered == [] and report.resilient.errors == 0
+    assert report.stock.words["lost"] and not report.stock.honest
+    assert report.resilient.recoveries or report.resilient.connections == 1
+    assert "every word heard once" in format_table(report)
+
+
+def test_the_schedule_is_seeded_and_checked() -> None:
+    """The same seed gives the same schedule; bad settings fail at once."""
+    config = LLMChaosConfig(seed=9, turns=5, faults=3)
+    assert make_schedule(config) == make_schedule(config)
+    assert sum(turn.fault is not None for turn in make_schedule(config)) == 3
+    with pytest.raises(ValueError, match="cannot schedule"):
+        LLMChaosConfig(provider="openai-realtime", mix=("silent",))
+    with pytest.raises(ValueError, match="bundles"):
+        LLMChaosConfig(provider="openai-realtime", transcript="bundled")
+    with pytest.raises(SystemExit):
+        main(["--provider", "nope"])
