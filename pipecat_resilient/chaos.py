@@ -763,8 +763,16 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 when the resilient side lost, repeated and misreported nothing, 1
         when it did. A usage error exits 2 (``SystemExit``, from argparse)
-        before anything runs.
+        before anything runs. ``--side llm`` runs the speech-to-speech bench
+        instead (:func:`pipecat_resilient.chaos_llm.main`).
     """
+    side = argparse.ArgumentParser(prog="pipecat-resilient chaos", add_help=False)
+    side.add_argument("--side", choices=("tts", "llm"), default="tts")
+    known, rest = side.parse_known_args(argv)
+    if known.side == "llm":
+        from pipecat_resilient.chaos_llm import main as llm_main
+
+        return llm_main(rest)
     parser = argparse.ArgumentParser(
         prog="pipecat-resilient chaos",
         description="Run a seeded schedule of provider faults (close codes, dropped connections, "
@@ -774,6 +782,13 @@ def main(argv: list[str] | None = None) -> int:
         "and recovery time, and writes a JSON report and a timeline picture.",
         epilog="Exit status: 0 when the resilient side lost, repeated and misreported nothing, 1 when "
         "it did, 2 on a usage error.",
+    )
+    parser.add_argument(
+        "--side",
+        choices=("tts", "llm"),
+        default="tts",
+        help="tts (default): a TTS service; llm: a speech-to-speech session "
+        "(`--side llm --help` for its options)",
     )
     parser.add_argument(
         "--provider",

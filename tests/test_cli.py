@@ -49,6 +49,8 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["chaos", "--ms-per-char", "nan"], "--ms-per-char"),
         (["chaos", "--bogus"], "unrecognized arguments: --bogus"),
         (["chaos", "--out", __file__], "not a folder"),
+        (["chaos", "--side", "stt"], "invalid choice: 'stt'"),
+        (["chaos", "--side", "llm", "--provider", "elevenlabs"], "invalid choice: 'elevenlabs'"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
         (["demo", "extra"], "unrecognized arguments: extra"),
         (["emulate"], "required: provider"),
@@ -135,6 +137,23 @@ def test_chaos_options_reach_the_bench_and_the_status_says_if_a_word_was_lost(
         chaos.ChaosConfig(seed=3, turns=6, faults=4, mix=("close-1012", "abort"), out=tmp_path)
     ]
     assert ("PASS" if status == 0 else "FAIL") in capsys.readouterr().out
+
+
+def test_chaos_side_llm_runs_the_speech_to_speech_bench(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``chaos --side llm`` hands its other options to the speech-to-speech bench."""
+    from pipecat_resilient import chaos_llm
+
+    seen: list[list[str]] = []
+
+    def llm_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 1
+
+    monkeypatch.setattr(chaos_llm, "main", llm_main)
+    assert main(["chaos", "--side", "llm", "--provider", "openai-realtime", "--seed", "4"]) == 1
+    assert seen == [["--provider", "openai-realtime", "--seed", "4"]]
 
 
 def test_python_dash_m_exits_2_on_a_usage_error() -> None:
