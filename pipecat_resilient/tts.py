@@ -630,6 +630,11 @@ class _Sink:
         self._owner = owner
         self._hosted = hosted
 
+    @property
+    def stall_timeout(self) -> float:
+        """The processor's ``stall_timeout``."""
+        return self._owner._ledger.stall_timeout
+
     async def words_timed(
         self, context_id: str | None, words: list[WordTiming], *, last_partial: bool
     ) -> None:

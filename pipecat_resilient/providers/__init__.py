@@ -25,6 +25,7 @@ _TTS = {
     "ElevenLabsTTSService": "pipecat_resilient.providers.elevenlabs:ElevenLabsAdapter",
     "CartesiaTTSService": "pipecat_resilient.providers.cartesia:CartesiaAdapter",
     "DeepgramTTSService": "pipecat_resilient.providers.deepgram:DeepgramAdapter",
+    "OpenAITTSService": "pipecat_resilient.providers.openai:OpenAITTSAdapter",
 }
 
 

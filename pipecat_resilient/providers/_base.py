@@ -33,6 +33,10 @@ WordTiming = tuple[str, float, float | None]
 class AdapterSink(Protocol):
     """Where an adapter reports what it learned (the shell)."""
 
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds audio may pause while the provider still owes some (for a read Pipecat cannot see)."""
+
     async def words_timed(
         self, context_id: str | None, words: list[WordTiming], *, last_partial: bool
     ) -> None:

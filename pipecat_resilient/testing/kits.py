@@ -9,6 +9,15 @@ workload against every provider::
     async with kit.emulator(plan=plan, timestamps="grouped") as emulator:
         tts = ResilientTTS(kit.factory(emulator))
 
+OpenAI's HTTP text-to-speech has a kit of its own, :data:`OPENAI_TTS_KIT`
+(an :class:`OpenAITTSKit`): one request per sentence takes HTTP faults
+(``refuse``, ``abort``, ``close`` as a truncated body, ``stall``, ``hang``)
+counted by request, not the websocket fault plans of :data:`TTS_KITS`::
+
+    kit = OPENAI_TTS_KIT
+    async with kit.emulator(plan=FaultPlan(Fault.abort(after_audio_chunks=10))) as emulator:
+        tts = ResilientTTS(kit.factory(emulator))
+
 The stock services are imported when a kit is used, so a kit for a provider
 whose Pipecat extra is not installed fails then, with Pipecat's own message.
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from pipecat.services.tts_service import TTSService
@@ -25,7 +34,10 @@ from pipecat.services.tts_service import TTSService
 from pipecat_resilient.testing._server import ConnectionRecord, WebsocketEmulator
 from pipecat_resilient.testing.faults import FaultPlan
 
-__all__ = ["TTS_KITS", "TTSKit", "tts_kit"]
+if TYPE_CHECKING:
+    from pipecat_resilient.testing.openai_tts import OpenAITTSEmulator, SpeechRequest
+
+__all__ = ["OPENAI_TTS_KIT", "TTS_KITS", "OpenAITTSKit", "TTSKit", "tts_kit"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +124,56 @@ def tts_kit(name: str) -> TTSKit:
         return TTS_KITS[name]
     except KeyError:
         raise ValueError(f"unknown TTS provider {name!r}; one of: {', '.join(TTS_KITS)}") from None
+
+
+@dataclass(frozen=True)
+class OpenAITTSKit:
+    """OpenAI's HTTP text-to-speech: its emulator and the stock ``OpenAITTSService``.
+
+    Built like a :class:`TTSKit`, but not one of :data:`TTS_KITS`: its faults
+    are HTTP faults, counted by request (the ``connection`` of a fault is the
+    request's index; see :mod:`pipecat_resilient.testing.openai_tts`).
+
+    Parameters:
+        name: ``"openai"``.
+        timings: False: OpenAI reports no word timings (what was heard of a
+            cut sentence is estimated, and a word or two may be said again).
+    """
+
+    name: str = "openai"
+    timings: bool = False
+
+    def emulator(self, plan: FaultPlan | None = None, **options: Any) -> OpenAITTSEmulator:
+        """A stopped emulator (start it with ``async with``); ``options`` go to the emulator."""
+        from pipecat_resilient.testing.openai_tts import OpenAITTSEmulator
+
+        return OpenAITTSEmulator(plan=plan, **options)
+
+    def stock(
+        self, emulator: OpenAITTSEmulator, *, api_key: str = "test-key", voice: str = "alloy", **kwargs: Any
+    ) -> TTSService:
+        """A stock ``OpenAITTSService`` pointed at ``emulator``.
+
+        Args:
+            emulator: A running emulator.
+            api_key: The key it sends.
+            voice: One of OpenAI's built-in voices (the stock service refuses
+                any other name).
+            **kwargs: Passed to ``OpenAITTSService`` (``settings=`` replaces the voice).
+        """
+        from pipecat.services.openai.tts import OpenAITTSService
+
+        kwargs.setdefault("settings", OpenAITTSService.Settings(voice=voice))
+        return OpenAITTSService(api_key=api_key, base_url=emulator.base_url, **kwargs)
+
+    def factory(self, emulator: OpenAITTSEmulator, **options: Any) -> Callable[[], TTSService]:
+        """A factory of stock services pointed at ``emulator`` (what ``ResilientTTS`` takes)."""
+        return lambda: self.stock(emulator, **options)
+
+    def voice(self, record: SpeechRequest) -> str | None:
+        """The voice a request asked for."""
+        return record.voice
+
+
+OPENAI_TTS_KIT = OpenAITTSKit()
+"""The OpenAI HTTP text-to-speech kit."""
