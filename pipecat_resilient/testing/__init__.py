@@ -30,6 +30,17 @@ from the audio itself.
 * :class:`Caller`, :class:`STTScenario` - a caller speaking a script into a
   speech-to-text processor, and what reached the transcripts and the context.
 * :class:`Fault`, :class:`FaultPlan` - what goes wrong, on which connection, when.
+* Outages, the same on every emulator (:class:`OutageSwitch`): take the whole
+  provider down for a while and bring it back. ``emulator.outage(mode="refuse"
+  | "stall" | "hang", status=503, seconds=None, retry_after=None,
+  drop_existing=True)`` starts one now (every new handshake or request is
+  refused with ``status``, accepted and then never answered, or never
+  answered at all; the open connections are cut), for ``seconds`` of the event
+  loop's clock or until ``emulator.restore()``; ``emulator.outage_active``,
+  ``await emulator.wait_restored()``, and ``emulator.outages`` (one
+  :class:`Outage` each: when it started and ended, what it cut and answered)
+  with ``emulator.time_in_outage()`` for a bench. Outages take precedence over
+  fault plans.
 * :class:`Scenario` - a pipeline around a TTS processor with a :class:`Listener`
   and Pipecat's own assistant aggregator, to assert on what was heard and
   what the LLM context received.
@@ -47,6 +58,7 @@ from pipecat_resilient.testing.harness import Listener, Scenario, SessionScenari
 from pipecat_resilient.testing.openai import ChatToolCall, OpenAIEmulator
 from pipecat_resilient.testing.openai_realtime import OpenAIRealtimeEmulator
 from pipecat_resilient.testing.openai_tts import OpenAITTSEmulator
+from pipecat_resilient.testing.outage import Outage, OutageMode, OutageSwitch
 from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, encode
 from pipecat_resilient.testing.stt_harness import Caller, STTScenario
 
@@ -67,6 +79,9 @@ __all__ = [
     "OpenAIEmulator",
     "OpenAIRealtimeEmulator",
     "OpenAITTSEmulator",
+    "Outage",
+    "OutageMode",
+    "OutageSwitch",
     "Scenario",
     "STTScenario",
     "SessionScenario",

@@ -1,10 +1,17 @@
-"""The websocket server all emulators share: connections, records and faults.
+"""The websocket server all emulators share: connections, records, faults and outages.
 
 An emulator subclasses :class:`WebsocketEmulator` and implements
 :meth:`WebsocketEmulator.serve_connection` for its protocol. This module
 counts handshakes, refuses the ones a :class:`~.faults.FaultPlan` says to
 refuse, checks the API key, and carries out the planned close, abort and stall
 faults on each connection, on the triggers the plan names.
+
+It also takes the whole provider down for a while
+(:meth:`~.outage.OutageSwitch.outage`, then
+:meth:`~.outage.OutageSwitch.restore`; see :mod:`.outage`): while an outage
+lasts, every handshake is refused with its status, accepted and then stalled
+(the emulator reads and sends nothing, not even a pong), or hung (never
+answered), before the plan, the API key or the path are looked at.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -20,8 +28,10 @@ from loguru import logger
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
+from pipecat_resilient.testing.outage import Outage, OutageMode, OutageSwitch
 from pipecat_resilient.testing.speech import samples_per_char
 
 __all__ = ["ConnectionRecord", "ConnectionState", "WorkFailed", "WebsocketEmulator"]
@@ -47,6 +57,9 @@ class ConnectionRecord:
         opened_at: When its handshake arrived (``time.monotonic``).
         first_audio_at: When it sent its first audio, if it did.
         fault_at: When its fault was carried out, if one was.
+        outage: The mode of the outage that answered its handshake, if one did
+            (``"refuse"``, ``"stall"``, ``"hang"``).
+        cut_by_outage: Whether an outage that started while it was open cut it.
     """
 
     index: int
@@ -63,6 +76,31 @@ class ConnectionRecord:
     opened_at: float = field(default_factory=time.monotonic)
     first_audio_at: float | None = None
     fault_at: float | None = None
+    outage: OutageMode | None = None
+    cut_by_outage: bool = False
+
+
+class _Connection(ServerConnection):
+    """A server connection that can go mute: it reads as usual and sends nothing at all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.withhold: Callable[[int], None] | None = None
+        self._mute_next: Callable[[int], None] | None = None
+
+    def mute_after_handshake(self, withhold: Callable[[int], None]) -> None:
+        """Send the handshake response, then nothing: ``withhold`` gets the size of what is not sent."""
+        self._mute_next = withhold
+
+    def send_data(self) -> None:
+        if self.withhold is None:
+            super().send_data()
+            if self._mute_next is not None and self.protocol.state is not State.CONNECTING:
+                # The handshake response just went out; nothing else will.
+                self.withhold, self._mute_next = self._mute_next, None
+            return
+        for data in self.protocol.data_to_send():
+            self.withhold(len(data))
 
 
 class _Faulted(Exception):
@@ -240,10 +278,12 @@ class ConnectionState:
         await self.ws.send(message)
 
 
-class WebsocketEmulator:
+class WebsocketEmulator(OutageSwitch):
     """Base class of the provider emulators: a websocket server on 127.0.0.1, port 0.
 
     Use as an async context manager, or call :meth:`start` and :meth:`stop`.
+    Take it down with :meth:`outage` and bring it back with :meth:`restore`
+    (see :mod:`pipecat_resilient.testing.outage`).
 
     Args:
         plan: The faults to inject; none when omitted.
@@ -267,6 +307,7 @@ class WebsocketEmulator:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """Create a stopped emulator."""
+        super().__init__()
         self.plan = plan or FaultPlan()
         self.api_key = api_key
         self._ssl = ssl_context
@@ -279,11 +320,16 @@ class WebsocketEmulator:
         self._pending_hangs: list[Fault] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Condition()
+        # Handshakes never answered, and connections stalled by an outage.
+        self._held: dict[ServerConnection, ConnectionRecord] = {}
+        self._stalled: dict[ServerConnection, ConnectionRecord] = {}
+        self._stopping = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> Self:
         """Start listening on an ephemeral port of 127.0.0.1."""
+        self._stopping = asyncio.Event()
         self._server = await serve(
             self._handle,
             "127.0.0.1",
@@ -293,14 +339,23 @@ class WebsocketEmulator:
             ping_interval=None,
             max_size=None,
             close_timeout=1.0,
+            create_connection=_Connection,
         )
         return self
 
     async def stop(self) -> None:
-        """Stop the server and drop every connection at once."""
+        """Stop the server and drop every connection at once (stalled and hung ones too).
+
+        An outage under way ends now.
+        """
+        self._stopping.set()
+        self._end_outage_at_stop()
         for state in self._states:
             with contextlib.suppress(Exception):
                 state.ws.transport.abort()
+        for ws in [*self._stalled, *self._held]:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
         if self._server is not None:
             self._server.close(close_connections=False)
             with contextlib.suppress(Exception):
@@ -391,23 +446,109 @@ class WebsocketEmulator:
         async with self._connected:
             await asyncio.wait_for(self._connected.wait_for(lambda: len(self.connections) >= count), timeout)
 
+    # -- outages -------------------------------------------------------------
+
+    def _cut_open_connections(self) -> list[int]:
+        """Abort every open connection, stalled and hung ones included; returns their indices."""
+        open_states = [s for s in self._states if not s.record.closed and s.ws.state is not State.CLOSED]
+        records = [state.record for state in open_states]
+        transports = [state.ws.transport for state in open_states]
+        for ws, record in [*self._stalled.items(), *self._held.items()]:
+            records.append(record)
+            transports.append(ws.transport)
+        for transport in transports:
+            with contextlib.suppress(Exception):
+                transport.abort()
+        for record in records:
+            record.cut_by_outage = True
+        return sorted(record.index for record in records)
+
+    async def _outage_handshake(
+        self, connection: ServerConnection, request: Request, outage: Outage
+    ) -> Response | None:
+        """Answer a handshake the way ``outage`` says (plan, API key and path unseen)."""
+        record = self._new_record(connection, request)
+        record.outage = outage.mode
+        self._outage_for(record.index)
+        if outage.mode == "refuse":
+            record.refused = outage.status
+            record.closed = True
+            response = connection.respond(outage.status, f"{self.name}: service unavailable (outage)\n")
+            for key, value in outage.headers.items():
+                response.headers[key] = value
+            return response
+        if outage.mode == "hang":
+            record.hung = True
+            return await self._hold(connection, record)
+
+        def withhold(size: int) -> None:
+            outage.withheld += size
+            self._outage_changed()
+
+        if isinstance(connection, _Connection):
+            connection.mute_after_handshake(withhold)
+        return None
+
+    async def _hold(self, connection: ServerConnection, record: ConnectionRecord) -> Response:
+        """Leave a handshake unanswered until the client hangs up, it is cut, or the emulator stops."""
+        self._held[connection] = record
+        waits = [
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(connection.wait_closed()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            self._held.pop(connection, None)
+            connection.transport.abort()
+            record.closed = True
+            self._outage_changed()
+        # Never reaches the client: the connection is gone.
+        return connection.respond(503, f"{self.name}: stopped\n")
+
+    async def _serve_stalled(self, ws: ServerConnection, record: ConnectionRecord, outage: Outage) -> None:
+        """Read and drop what the client sends, answer nothing, until it hangs up or the emulator stops."""
+        self._stalled[ws] = record
+        try:
+            async for _ in ws:
+                outage.messages_read += 1
+                self._outage_changed()
+        except ConnectionClosed:
+            pass
+        finally:
+            # Half-open to the end: the client's close frame is not answered either.
+            with contextlib.suppress(Exception):
+                await ws.wait_closed()
+            self._stalled.pop(ws, None)
+            record.closed = True
+            self._outage_changed()
+
     # -- handshake ---------------------------------------------------------
 
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        outage = self.current_outage
+        if outage is not None:
+            return await self._outage_handshake(connection, request, outage)
         response = self._process_request(connection, request)
         record = self.connections[-1]
         hang = self.plan.hangs(record.index) or (self._pending_hangs and self._pending_hangs.pop(0))
         if response is None and hang:
             # Never answered: the client waits for its own timeout.
             record.hung = True
-            await asyncio.Event().wait()
+            return await self._hold(connection, record)
         return response
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _new_record(self, connection: ServerConnection, request: Request) -> ConnectionRecord:
         record = ConnectionRecord(index=len(self.connections), path=request.path)
         self.connections.append(record)
         self._records[id(connection)] = record
         self._notify()
+        return record
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        record = self._new_record(connection, request)
         refusal = self.plan.refusal(record.index)
         if refusal is None and self._pending_refusals:
             refusal = self._pending_refusals.pop(0)
@@ -434,6 +575,10 @@ class WebsocketEmulator:
 
     async def _handle(self, ws: ServerConnection) -> None:
         record = self._records.pop(id(ws))
+        if record.outage == "stall":
+            outage = next(o for o in reversed(self.outages) if record.index in o.met)
+            await self._serve_stalled(ws, record, outage)
+            return
         state = ConnectionState(self, ws, record)
         self._states.append(state)
         state.start_timers()
@@ -455,6 +600,7 @@ class WebsocketEmulator:
                         await ws.wait_closed()
             state.stop_timers()
             record.closed = True
+            self._outage_changed()
 
     # -- protocol ----------------------------------------------------------
 

@@ -53,6 +53,13 @@ trigger the fault happens before the response headers, so the SDK's
 ``create()`` is what waits or fails. ``after_seconds`` counts from the
 request's arrival. ``after_text_messages`` and ``go_away`` have no HTTP
 meaning and are rejected.
+
+Outages (:meth:`~.outage.OutageSwitch.outage`, :meth:`~.outage.OutageSwitch.restore`;
+see :mod:`.outage`) take the whole API down for a while, before any plan,
+key or body check: every request is refused with the outage's status and an
+OpenAI error body (``"refuse"``), gets its 200 headers and never a byte of
+body (``"stall"``), or never gets a status line (``"hang"``); the requests in
+flight when one starts are cut (TCP abort) unless ``drop_existing=False``.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from loguru import logger
 
 from pipecat_resilient.policy import CONTINUE_INSTRUCTION
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
+from pipecat_resilient.testing.outage import OutageMode, OutageSwitch, answer_http_outage
 
 __all__ = ["ChatRequest", "OpenAIEmulator", "ChatToolCall"]
 
@@ -142,6 +150,8 @@ class ChatRequest:
         received_at: ``time.monotonic()`` at arrival.
         cut_answer: The cut assistant answer the request asked to continue
             (its last message is the continuation instruction), else None.
+        outage: The mode of the outage that answered it, if one did.
+        cut_by_outage: Whether an outage that started while it was in flight cut it.
     """
 
     index: int
@@ -158,6 +168,8 @@ class ChatRequest:
     closed: bool = False
     received_at: float = field(default_factory=time.monotonic)
     cut_answer: str | None = None
+    outage: OutageMode | None = None
+    cut_by_outage: bool = False
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -271,8 +283,11 @@ class _Run:
         return None
 
 
-class OpenAIEmulator:
+class OpenAIEmulator(OutageSwitch):
     """Emulates OpenAI's chat-completions API on 127.0.0.1, on an ephemeral port.
+
+    Take it down with :meth:`outage` and bring it back with :meth:`restore`
+    (see :mod:`pipecat_resilient.testing.outage`).
 
     Example::
 
@@ -312,6 +327,7 @@ class OpenAIEmulator:
         continue_marker: str = CONTINUE_INSTRUCTION,
     ) -> None:
         """Create a stopped emulator."""
+        super().__init__()
         if not isinstance(continue_marker, str) or not continue_marker.strip():
             raise ValueError("continue_marker must be a non-empty string")
         self.repeat_on_continue = repeat_on_continue
@@ -330,6 +346,7 @@ class OpenAIEmulator:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._changed = asyncio.Condition()
+        self._in_flight: dict[int, tuple[web.Request, ChatRequest]] = {}
 
     @staticmethod
     def _check_fault(fault: Fault) -> None:
@@ -354,8 +371,12 @@ class OpenAIEmulator:
         return self
 
     async def stop(self) -> None:
-        """Stop the server, ending stalled responses and dropping open connections."""
+        """Stop the server, ending stalled responses and dropping open connections.
+
+        An outage under way ends now.
+        """
         self._stopping.set()
+        self._end_outage_at_stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -499,14 +520,39 @@ class OpenAIEmulator:
             retry_count=int(retry) if retry and retry.isdigit() else None,
         )
         self.requests.append(record)
+        self._in_flight[record.index] = (request, record)
         try:
+            outage = self._outage_for(record.index)
+            if outage is not None:
+                record.outage = outage.mode
+                if outage.mode != "hang":
+                    record.status = outage.status if outage.mode == "refuse" else 200
+                await self._notify()
+                return await answer_http_outage(
+                    request,
+                    outage,
+                    refusal=lambda status, headers: self._error(status, None, headers),
+                    content_type="text/event-stream; charset=utf-8" if record.stream else "application/json",
+                    stopping=self._stopping.wait,
+                )
             return await self._answer(request, record)
         except _Aborted:
             # aiohttp must not try to finish a response on a dropped transport.
             raise asyncio.CancelledError() from None
         finally:
+            self._in_flight.pop(record.index, None)
             record.closed = True
+            self._outage_changed()
             await self._notify()
+
+    def _cut_open_connections(self) -> list[int]:
+        """Abort the connection of every request in flight; returns their indices."""
+        cut = sorted(self._in_flight)
+        for request, record in self._in_flight.values():
+            record.cut_by_outage = True
+            if request.transport is not None:
+                request.transport.abort()
+        return cut
 
     async def _answer(self, request: web.Request, record: ChatRequest) -> web.StreamResponse:
         faults = [f for f in self.plan.for_connection(record.index) if f.kind not in _UNSUPPORTED]

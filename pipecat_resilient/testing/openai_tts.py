@@ -52,6 +52,14 @@ fails or waits) and ``close`` answers 200 with an empty body.
 ``after_text_messages``, ``after_audio_received``, ``go_away`` and ``error``
 (a provider message on a connection left open) have no meaning for one HTTP
 request and are refused when the emulator is built.
+
+Outages (:meth:`~.outage.OutageSwitch.outage`, :meth:`~.outage.OutageSwitch.restore`;
+see :mod:`.outage`) take the whole API down for a while, before any plan,
+key or body check: every request is refused with the outage's status and an
+OpenAI error body (``"refuse"``), gets its 200 ``audio/pcm`` headers and never
+a byte of audio (``"stall"``), or never gets a status line (``"hang"``); the
+requests in flight when one starts are cut (TCP abort) unless
+``drop_existing=False``.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ from aiohttp import web
 from loguru import logger
 
 from pipecat_resilient.testing.faults import Fault, FaultKind, FaultPlan
+from pipecat_resilient.testing.outage import OutageMode, OutageSwitch, answer_http_outage
 from pipecat_resilient.testing.speech import SpeechDecoder, encode, samples_per_char
 
 __all__ = ["SAMPLE_RATE", "VOICES", "OpenAITTSEmulator", "SpeechRequest"]
@@ -138,6 +147,8 @@ class SpeechRequest:
         closed_at: ``time.monotonic()`` when it was over.
         received_at: ``time.monotonic()`` at arrival.
         first_audio_at: ``time.monotonic()`` when the first audio was written.
+        outage: The mode of the outage that answered it, if one did.
+        cut_by_outage: Whether an outage that started while it was in flight cut it.
     """
 
     index: int
@@ -155,6 +166,8 @@ class SpeechRequest:
     closed_at: float | None = None
     received_at: float = field(default_factory=time.monotonic)
     first_audio_at: float | None = None
+    outage: OutageMode | None = None
+    cut_by_outage: bool = False
 
     @property
     def input(self) -> str:
@@ -228,8 +241,11 @@ class _Run:
         return None
 
 
-class OpenAITTSEmulator:
+class OpenAITTSEmulator(OutageSwitch):
     """Emulates OpenAI's text-to-speech API on 127.0.0.1, on an ephemeral port.
+
+    Take it down with :meth:`outage` and bring it back with :meth:`restore`
+    (see :mod:`pipecat_resilient.testing.outage`).
 
     Example::
 
@@ -269,6 +285,7 @@ class OpenAITTSEmulator:
         realtime: bool = False,
     ) -> None:
         """Create a stopped emulator."""
+        super().__init__()
         if ms_per_char <= 0:
             raise ValueError("ms_per_char must be positive")
         if bytes_per_chunk < 1:
@@ -287,6 +304,7 @@ class OpenAITTSEmulator:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._changed = asyncio.Condition()
+        self._in_flight: dict[int, tuple[web.Request, SpeechRequest]] = {}
 
     def samples_per_char(self, sample_rate: int = SAMPLE_RATE) -> int:
         """Samples per character at ``sample_rate`` (what a decoder needs)."""
@@ -313,8 +331,12 @@ class OpenAITTSEmulator:
         return self
 
     async def stop(self) -> None:
-        """Stop the server, ending stalled responses and dropping open connections."""
+        """Stop the server, ending stalled responses and dropping open connections.
+
+        An outage under way ends now.
+        """
         self._stopping.set()
+        self._end_outage_at_stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -374,15 +396,40 @@ class OpenAITTSEmulator:
             spc=self.samples_per_char(),
         )
         self.requests.append(record)
+        self._in_flight[record.index] = (request, record)
         try:
+            outage = self._outage_for(record.index)
+            if outage is not None:
+                record.outage = outage.mode
+                if outage.mode != "hang":
+                    record.status = outage.status if outage.mode == "refuse" else 200
+                await self._notify()
+                return await answer_http_outage(
+                    request,
+                    outage,
+                    refusal=lambda status, headers: _error(status, None, headers),
+                    content_type="audio/pcm",
+                    stopping=self._stopping.wait,
+                )
             return await self._answer(request, record, parsed=isinstance(body, dict))
         except _Aborted:
             # aiohttp must not try to finish a response on a dropped transport.
             raise asyncio.CancelledError() from None
         finally:
+            self._in_flight.pop(record.index, None)
             record.closed = True
+            self._outage_changed()
             record.closed_at = time.monotonic()
             await self._notify()
+
+    def _cut_open_connections(self) -> list[int]:
+        """Abort the connection of every request in flight; returns their indices."""
+        cut = sorted(self._in_flight)
+        for request, record in self._in_flight.values():
+            record.cut_by_outage = True
+            if request.transport is not None:
+                request.transport.abort()
+        return cut
 
     async def _answer(
         self, request: web.Request, record: SpeechRequest, *, parsed: bool
