@@ -16,7 +16,7 @@ import dataclasses
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -88,6 +88,8 @@ class Hosted(Generic[S]):
     """One stock service instance and what the shell knows about it."""
 
     service: S
+    # Which provider of the fallback chain it is (0: the primary).
+    provider: int = 0
     # What logs call it: the stock instance's own name, before the shell gave
     # it its own (so metrics and metadata keep one name across instances).
     label: str = ""
@@ -172,6 +174,9 @@ class Host(Generic[S]):
             pushes upstream.
         prepare: Called with each new instance before it is set up, to hook
             into it.
+        fallbacks: Factories of the providers to fall back on, in order of
+            preference (validated like ``factory``); provider 0 is
+            ``factory``, provider ``i`` is ``fallbacks[i - 1]``.
         spare: Keep an instance built ahead of time for the next :meth:`make`
             (the one built at construction to check the factory, then one
             built by :meth:`replenish`), for services whose construction is
@@ -188,15 +193,24 @@ class Host(Generic[S]):
         upstream: Callable[[Hosted[S], Frame], Awaitable[None]],
         prepare: Callable[[Hosted[S]], None],
         spare: bool = False,
+        fallbacks: Sequence[Callable[[], S]] = (),
     ) -> None:
-        """Validate ``factory`` by calling it; raises on bad input."""
-        if not callable(factory):
+        """Validate ``factory`` and every fallback by calling them; raises on bad input."""
+        if isinstance(fallbacks, (str, bytes)) or not isinstance(fallbacks, Sequence):
             raise TypeError(
-                f"{type(owner).__name__}: factory must be a zero-argument callable returning a new "
-                f"{expected.__name__}, got {type(factory).__name__}"
+                f"{type(owner).__name__}: fallbacks must be a list of factories, "
+                f"got {type(fallbacks).__name__}"
             )
+        for index, candidate in enumerate([factory, *fallbacks]):
+            if not callable(candidate):
+                what = "factory" if index == 0 else f"fallbacks[{index - 1}]"
+                raise TypeError(
+                    f"{type(owner).__name__}: {what} must be a zero-argument callable returning a new "
+                    f"{expected.__name__}, got {type(candidate).__name__}"
+                )
         self._owner = owner
         self._factory = factory
+        self.factories: list[Callable[[], S]] = [factory, *fallbacks]
         self._expected = expected
         self._downstream = downstream
         self._upstream = upstream
@@ -210,28 +224,40 @@ class Host(Generic[S]):
         # Build the first instance now, so a factory that raises, returns the
         # wrong thing or returns the same object twice fails at construction
         # rather than in the middle of a call.
-        first = self._call_factory(construction=True)
-        try:
-            second: S | None = self._call_factory(construction=True)
-        except ReusedInstance:
-            raise ValueError(
-                f"{type(owner).__name__}: factory returned the same {type(first).__name__} twice; "
-                "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
-            ) from None
+        built: list[S] = []
+        self.names: list[str] = []
+        for index in range(len(self.factories)):
+            first = self._call_factory(index, construction=True)
+            try:
+                second: S = self._call_factory(index, construction=True)
+            except ReusedInstance:
+                what = "factory" if index == 0 else f"fallbacks[{index - 1}]"
+                raise ValueError(
+                    f"{type(owner).__name__}: {what} returned the same {type(first).__name__} twice; "
+                    "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
+                ) from None
+            built.append(second)
+            name = type(first).__name__
+            if name in self.names:
+                name = f"{name}#{index + 1}"
+            self.names.append(name)
+            if index == 0:
+                primary = first
         self._keep_spare = spare
-        self._spare = second if spare else None
+        self._spare = built[0] if spare else None
         self._replenishing = False
-        self.first: Hosted[S] = self._host(first)
+        self.first: Hosted[S] = self._host(primary)
 
     # -- making ----------------------------------------------------------------
 
-    def _call_factory(self, *, construction: bool = False) -> S:
+    def _call_factory(self, provider: int = 0, *, construction: bool = False) -> S:
         try:
-            service = self._factory()
+            service = self.factories[provider]()
         except Exception as exc:
             if construction:
+                what = "service factory" if provider == 0 else f"fallback factory {provider - 1}"
                 raise ValueError(
-                    f"{type(self._owner).__name__}: the service factory raised {type(exc).__name__}: {exc}"
+                    f"{type(self._owner).__name__}: the {what} raised {type(exc).__name__}: {exc}"
                 ) from exc
             raise
         return self._checked(service)
@@ -250,10 +276,14 @@ class Host(Generic[S]):
         self._seen.add(service)
         return service
 
-    def make(self) -> Hosted[S]:
-        """Build a fresh instance with the factory, or take the spare (raises what the factory raises)."""
-        service, self._spare = self._spare, None
-        return self._host(service if service is not None else self._call_factory())
+    def make(self, provider: int = 0) -> Hosted[S]:
+        """Build a fresh instance of ``provider``, or take the spare (raises what the factory raises)."""
+        if provider == 0:
+            service, self._spare = self._spare, None
+        else:
+            service = None
+        hosted = self._host(service if service is not None else self._call_factory(provider), provider)
+        return hosted
 
     async def replenish(self) -> None:
         """Build the spare for the next :meth:`make`, if spares are kept and there is none.
@@ -279,9 +309,11 @@ class Host(Generic[S]):
         """The most recently made instance still hosted (the first one before any other)."""
         return self.all[-1] if self.all else self.first
 
-    def _host(self, service: S) -> Hosted[S]:
+    def _host(self, service: S, provider: int = 0) -> Hosted[S]:
         self._made += 1
-        hosted: Hosted[S] = Hosted(service, label=f"{type(service).__name__} (instance {self._made})")
+        hosted: Hosted[S] = Hosted(
+            service, label=f"{type(service).__name__} (instance {self._made})", provider=provider
+        )
         # Recovery is ours: a stock websocket service that reconnects on its
         # own hides the drop and never resends what was in flight.
         if hasattr(service, "_reconnect_on_error"):

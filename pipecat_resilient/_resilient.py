@@ -54,6 +54,7 @@ from pipecat.utils.errors import ErrorCategory
 from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, ReusedInstance, now
 from pipecat_resilient.errors import ReplayFailed
 from pipecat_resilient.failures import Failure, Verdict
+from pipecat_resilient.health import Health, HealthStore, default_store
 from pipecat_resilient.ledger import State
 from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
 
@@ -74,7 +75,20 @@ _PROCESSOR_EVENTS = frozenset(
     }
 )
 # The shell's own events.
-_SHELL_EVENTS = ("on_connection_lost", "on_connection_recovered", "on_connection_given_up")
+_SHELL_EVENTS = (
+    "on_connection_lost",
+    "on_connection_recovered",
+    "on_connection_given_up",
+    "on_provider_switched",
+)
+
+# How a conversation goes back to a preferred provider after falling back.
+SWITCH_BACK = ("boundary", "never")
+
+# How often (seconds) a shell with fallbacks looks at its providers' health
+# while idle, and tries a preferred provider again at most.
+HEALTH_POLL_S = 1.0
+SWITCH_BACK_INTERVAL_S = 5.0
 
 
 class Journal(Protocol):
@@ -135,6 +149,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         on_connection_lost: ``(processor, failure: Failure)``.
         on_connection_recovered: ``(processor, report: RecoveryReport)``.
         on_connection_given_up: ``(processor, error: ReplayFailed)``.
+        on_provider_switched: ``(processor, from_name: str, to_name: str, reason: str)``:
+            the processor moved to another provider of its fallback chain.
         Every event of the stock service (``on_connected``,
         ``on_function_calls_started``...): forwarded from the live instance,
         with the shell as the processor argument.
@@ -145,6 +161,12 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         journal: The journal deciding what to feed.
         retry: The retry policy (``DEFAULT_RETRY`` when None).
         watchdog_tick: Seconds between watchdog checks.
+        fallbacks: Factories of the providers to fall back on, in order.
+        health: Where provider health (circuit breakers) is kept and shared
+            (:func:`~pipecat_resilient.health.default_store` when None).
+        switch_back: ``"boundary"`` or ``"never"`` (see the subclasses).
+        switch_after: Failed connection attempts on one provider, within a
+            recovery, before the next provider of the chain is tried.
         **kwargs: Passed to ``FrameProcessor``.
     """
 
@@ -156,9 +178,13 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         journal: Journal,
         retry: RetryPolicy | None,
         watchdog_tick: float,
+        fallbacks: Sequence[Callable[[], S]] = (),
+        health: HealthStore | None = None,
+        switch_back: str = "boundary",
+        switch_after: int = 1,
         **kwargs: Any,
     ) -> None:
-        """Create the shell; validates ``retry`` and (by calling it) ``factory``."""
+        """Create the shell; validates ``retry`` and (by calling them) ``factory`` and ``fallbacks``."""
         # The stock service base class's __init__ (the shell subclasses it for
         # isinstance checks); its state is never used.
         super().__init__(**kwargs)
@@ -166,8 +192,26 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             retry = DEFAULT_RETRY
         if not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if switch_back not in SWITCH_BACK:
+            raise ValueError(f"switch_back must be one of {', '.join(SWITCH_BACK)}, got {switch_back!r}")
+        if isinstance(switch_after, bool) or not isinstance(switch_after, int) or switch_after < 1:
+            raise ValueError(f"switch_after must be a whole number of at least 1, got {switch_after!r}")
+        if health is not None and not all(
+            callable(getattr(health, name, None))
+            for name in ("state", "record_failure", "record_success", "try_acquire_probe")
+        ):
+            raise TypeError(f"health must be a HealthStore, got {type(health).__name__}")
         self._retry = retry
         self._journal = journal
+        self._health: HealthStore = health if health is not None else default_store()
+        self._switch_back = switch_back
+        self._switch_after = switch_after
+        # The provider of the chain in use (live, or being recovered to).
+        self._chain_at = 0
+        self._health_tasks: set[asyncio.Task[Any]] = set()
+        self._health_checked_at = 0.0
+        self._switch_back_tried_at = 0.0
+        self._switching: asyncio.Task[None] | None = None
         self._watchdog_tick = watchdog_tick
         self._live: Hosted[S] | None = None
         self._setup_data: FrameProcessorSetup | None = None
@@ -185,9 +229,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         # so that a later call for the same thing replaces an earlier one, in
         # the order they were made: replayed on every fresh instance.
         self._configuration: dict[object, Callable[[S], Any]] = {}
-        # Settings updates the live instance has applied, replayed on every
-        # fresh instance before it goes live.
-        self._applied_settings: list[ServiceUpdateSettingsFrame] = []
+        # Settings updates the live instance has applied, per provider (a
+        # voice of one provider means nothing to another), replayed on every
+        # fresh instance of that provider before it goes live.
+        self._settings_by_provider: dict[int, list[ServiceUpdateSettingsFrame]] = {}
         for event in _SHELL_EVENTS:
             self._register_event_handler(event)
         self._host: Host[S] = Host(
@@ -198,7 +243,23 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             upstream=self._on_instance_upstream,
             prepare=self._prepare_hosted,
             spare=self._spare_instance,
+            fallbacks=fallbacks,
         )
+
+    @property
+    def _applied_settings(self) -> list[ServiceUpdateSettingsFrame]:
+        """Settings updates applied while the current provider was in use."""
+        return self._settings_by_provider.setdefault(self._chain_at, [])
+
+    @property
+    def provider_name(self) -> str:
+        """The name of the provider in use (a stock service class name, ``#n`` for a repeat)."""
+        return self._host.names[self._chain_at]
+
+    @property
+    def providers(self) -> list[str]:
+        """The fallback chain's provider names, preferred first (the keys of their health)."""
+        return list(self._host.names)
 
     # ------------------------------------------------------------------
     # Public state
@@ -500,10 +561,153 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         service.push_error_frame = push_error_frame_observed  # type: ignore[method-assign]
 
     def _progress(self, hosted: Hosted[S]) -> None:
-        """The live instance made progress: the recovery episode is over."""
+        """The live instance made progress: the recovery episode is over, its provider is healthy."""
         if hosted is self._live and not hosted.produced:
             hosted.produced = True
             self._episode = None
+            self._note_health(hosted.provider, None)
+
+    # ------------------------------------------------------------------
+    # Provider health and the fallback chain
+    # ------------------------------------------------------------------
+
+    def _note_health(self, provider: int, failure: Failure | None) -> None:
+        """Record a success (``failure`` None) or a provider's failure in the health store, in the background.
+
+        Failures of our own making (the application's) say nothing about the
+        provider and are not recorded. A store that fails is logged at DEBUG;
+        a call never waits on it.
+        """
+        if failure is not None and failure.category == "application":
+            return
+        name = self._host.names[provider]
+        store = self._health
+        if failure is None:
+            call = store.record_success(name)
+        else:
+            call = store.record_failure(name, permanent=failure.is_permanent)
+
+        async def record() -> None:
+            try:
+                await call
+            except Exception as exc:
+                logger.debug(f"{self}: health store failed ({type(exc).__name__}: {exc})")
+
+        task = asyncio.get_running_loop().create_task(record())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _health_of(self, provider: int) -> Health:
+        """A provider's health (CLOSED when the store cannot tell)."""
+        try:
+            return await self._health.state(self._host.names[provider])
+        except Exception as exc:
+            logger.debug(f"{self}: health store failed ({type(exc).__name__}: {exc})")
+            return Health.CLOSED
+
+    async def _next_provider(self, current: int, excluded: set[int]) -> int | None:
+        """The provider to try after ``current`` failed: the next in the chain (wrapping) not excluded
+        and not known to be down; failing that, the next not excluded; None when all are excluded."""
+        count = len(self._host.names)
+        order = [(current + step) % count for step in range(1, count + 1)]
+        candidates = [index for index in order if index not in excluded]
+        for index in candidates:
+            if await self._health_of(index) is not Health.OPEN:
+                return index
+        return candidates[0] if candidates else None
+
+    async def _switched(self, old: int, new: int, reason: str) -> None:
+        """Say the processor moved from provider ``old`` to ``new``."""
+        names = self._host.names
+        logger.warning(f"{self}: switching from {names[old]} to {names[new]} ({reason})")
+        await self._call_event_handler("on_provider_switched", names[old], names[new], reason)
+
+    def _idle(self) -> bool:
+        """Whether nothing is in flight: a boundary where the provider may change (subclasses)."""
+        return False
+
+    async def _look_at_health(self) -> None:
+        """While idle, move to a better provider of the chain: away from one the fleet found down,
+        or back to a preferred one that is healthy again (``switch_back="boundary"``)."""
+        if len(self._host.names) < 2 or self._switching is not None:
+            return
+        t = now()
+        if t - self._health_checked_at < HEALTH_POLL_S:
+            return
+        self._health_checked_at = t
+        live = self._live
+        if live is None or live.state is not HostedState.LIVE or not self._idle():
+            return
+        current = live.provider
+        if await self._health_of(current) is Health.OPEN:
+            # Another processor (another bot of the fleet) found it down.
+            target = await self._next_provider(current, {current})
+            if target is not None and await self._health_of(target) is not Health.OPEN:
+                self._start_switch(target, f"{self._host.names[current]} is down (health store)", probe=False)
+                return
+        if self._switch_back != "boundary" or current == 0:
+            return
+        for preferred in range(current):
+            state = await self._health_of(preferred)
+            probe = state is Health.HALF_OPEN
+            if state is Health.OPEN:
+                continue
+            if not probe and t - self._switch_back_tried_at < SWITCH_BACK_INTERVAL_S:
+                # The store does not gate it (its breaker is closed): our own pace.
+                continue
+            if probe:
+                try:
+                    won = await self._health.try_acquire_probe(self._host.names[preferred])
+                except Exception:
+                    won = False
+                if not won:
+                    continue
+            self._switch_back_tried_at = t
+            self._start_switch(preferred, f"{self._host.names[preferred]} is healthy again", probe=probe)
+            return
+
+    def _start_switch(self, target: int, reason: str, *, probe: bool) -> None:
+        self._switching = self.create_task(self._planned_switch(target, reason, probe), name="switch")
+
+    async def _planned_switch(self, target: int, reason: str, probe: bool) -> None:
+        """Connect ``target`` (the probe: a handshake, nothing billed) and make it live at a boundary."""
+        try:
+            hosted, failure = await self._connect_once(None, target)
+            if hosted is None:
+                assert failure is not None
+                logger.info(f"{self}: {self._host.names[target]} not taken ({failure.description})")
+                self._note_health(target, failure)
+                return
+            if probe:
+                self._note_health(target, None)
+            async with self._feed_lock:
+                live = self._live
+                if (
+                    self._ended
+                    or live is None
+                    or live.state is not HostedState.LIVE
+                    or self.state is not State.LIVE
+                    or not self._idle()
+                ):
+                    # Not at a boundary any more: try again later.
+                    self._host.retire(hosted)
+                    return
+                old = live.provider
+                self._live = None
+                self._journal.connection_lost(now=now())
+                live.state = HostedState.DRAINING
+                self._chain_at = target
+                hosted.state = HostedState.LIVE
+                hosted.live_since = now()
+                self._live = hosted
+                self._restore_journal(hosted)
+            self._host.retire(live, abort=False)
+            await self._switched(old, target, reason)
+            await self._feed_pending()
+        except Exception:
+            logger.exception(f"{self}: switching providers failed")
+        finally:
+            self._switching = None
 
     # ------------------------------------------------------------------
     # Feeding
@@ -547,6 +751,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._draining = hosted
         self._journal.connection_lost(now=now())
         self._lost_at = now()
+        self._note_health(hosted.provider, failure)
         logger.warning(f"{self}: lost {hosted} ({failure.description}); recovering")
         self.create_task(self._drain_then_retire(hosted), name="drain")
         await self._after_lost(hosted)
@@ -581,18 +786,51 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         if self._episode is None:
             self._episode = Episode(self._retry, started=now(), rng=self._rng)
         episode = self._episode
+        chain = len(self._host.names) > 1
+        # Providers of the chain out of this recovery (failed for good).
+        excluded: set[int] = set()
+        # Failed connection attempts on the current provider in this recovery
+        # (the drop itself is not one: a dropped socket is usually just that).
+        failed_here = 0
+        switched = False
         try:
             reason = episode.record(failure) if failure is not None else None
-            while reason is None:
+            while True:
+                if reason is not None and chain and failure_permanent(episode):
+                    # This provider is out (a bad key, an unknown voice); the others may not be.
+                    excluded.add(self._chain_at)
+                    reason = None
+                if (
+                    reason is None
+                    and chain
+                    and (
+                        self._chain_at in excluded
+                        or failed_here >= self._switch_after
+                        or await self._health_of(self._chain_at) is Health.OPEN
+                    )
+                ):
+                    target = await self._next_provider(self._chain_at, excluded)
+                    if target is None:
+                        reason = "every provider of the chain failed"
+                    elif target != self._chain_at:
+                        old, self._chain_at = self._chain_at, target
+                        failed_here = 0
+                        switched = True
+                        last = episode.failures[-1].description if episode.failures else "down"
+                        await self._switched(old, target, last)
+                if reason is not None:
+                    break
                 wait = episode.next_wait(now())
                 if wait is None:
                     over = episode.attempts >= self._retry.attempts
                     reason = "attempts exhausted" if over else "recovery deadline passed"
                     break
-                if wait > 0:
+                if wait > 0 and not switched:
+                    # (A provider of the chain just switched to is tried at once.)
                     await asyncio.sleep(wait)
+                switched = False
                 episode.attempts += 1
-                hosted, attempt_failure = await self._connect_once(episode.deadline())
+                hosted, attempt_failure = await self._connect_once(episode.deadline(), self._chain_at)
                 if hosted is not None:
                     await self._go_live(hosted, episode, failure)
                     return
@@ -600,6 +838,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 logger.warning(
                     f"{self}: connection attempt {episode.attempts} failed ({attempt_failure.description})"
                 )
+                self._note_health(self._chain_at, attempt_failure)
+                failed_here += 1
                 reason = episode.record(attempt_failure)
         except Exception as exc:
             # A bug here must not leave the processor recovering forever with
@@ -612,14 +852,20 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                     self._host.retire(hosted)
         await self._give_up(reason, episode)
 
-    async def _connect_once(self, deadline: float | None = None) -> tuple[Hosted[S] | None, Failure | None]:
-        """Make, set up and start a fresh instance, all within ``attempt_timeout`` and ``deadline``."""
+    async def _connect_once(
+        self, deadline: float | None = None, provider: int | None = None
+    ) -> tuple[Hosted[S] | None, Failure | None]:
+        """Make, set up and start a fresh instance of ``provider`` (the current one when None),
+        all within ``attempt_timeout`` and ``deadline``."""
         assert self._setup_data is not None and self._start_frame is not None
+        if provider is None:
+            provider = self._chain_at
         try:
-            hosted = self._host.make()
+            hosted = self._host.make(provider)
         except (TypeError, ReusedInstance) as exc:
             return None, Failure(Verdict.PERMANENT, "application", f"factory: {exc}")
         except Exception as exc:
+            logger.opt(exception=exc).debug(f"{self}: the factory of {self._host.names[provider]} raised")
             return None, Failure(Verdict.TRANSIENT, "application", f"factory raised {type(exc).__name__}")
         limit = self._retry.attempt_timeout
         if deadline is not None:
@@ -657,7 +903,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             The updates it could not apply this way (its settings code needed a
             connection); they are applied once it is connected instead.
         """
-        frames = _merged(self._applied_settings)
+        frames = _merged(self._settings_by_provider.get(hosted.provider, []))
         service: Any = hosted.service
         update = getattr(service, "_update_settings", None)
         settings = getattr(service, "_settings", None)
@@ -780,7 +1026,9 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             reason = self._journal.overdue(now=t)
             if reason is not None:
                 await self._lost(hosted, Failure(Verdict.TRANSIENT, "connectivity", reason))
-            elif (
+                continue
+            await self._look_at_health()
+            if (
                 self._episode is not None
                 and hosted.live_since is not None
                 and t - hosted.live_since > STABLE_AFTER_S
@@ -789,10 +1037,15 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 self._episode = None
 
     async def _stop_tasks(self) -> None:
-        for task in (self._watchdog_task, self._recovery_task):
+        for task in (self._watchdog_task, self._recovery_task, self._switching):
             if task is not None and task is not asyncio.current_task():
                 await self.cancel_task(task)
-        self._watchdog_task = self._recovery_task = None
+        self._watchdog_task = self._recovery_task = self._switching = None
+
+
+def failure_permanent(episode: Episode) -> bool:
+    """Whether the episode's last failure was permanent (which ends it for one provider only)."""
+    return bool(episode.failures) and episode.failures[-1].is_permanent
 
 
 def _settings_for_instance(frame: ServiceUpdateSettingsFrame) -> ServiceUpdateSettingsFrame:

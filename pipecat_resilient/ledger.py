@@ -8,6 +8,11 @@ which frames to feed a fresh service instance (:meth:`Ledger.to_feed`), whether
 the provider has gone quiet (:meth:`Ledger.overdue`), and what could not be
 said when recovery gives up (:meth:`Ledger.gave_up`).
 
+How long "quiet" is, is learned from the provider as it answers
+(:mod:`pipecat_resilient._adaptive`): its time to first audio and the gaps in
+audio it owed, each smoothed with its deviation as TCP does for its
+retransmission timer, between a floor and the configured timeouts as ceilings.
+
 Vocabulary:
 
 * An *utterance* is the unit a listener hears as one piece: an LLM turn (the
@@ -44,8 +49,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pipecat_resilient._adaptive import MIN_TIMEOUT_S, AdaptiveTimeout
 from pipecat_resilient._timeline import SpeakingRate, Text, Timeline
 from pipecat_resilient.errors import InvalidState
+from pipecat_resilient.policy import check_seconds
 
 __all__ = ["Action", "ActionKind", "Ledger", "State", "Utterance", "UtteranceKind"]
 
@@ -199,6 +206,7 @@ class _Piece:
     emerged: bool = False
     # A settings update waits for these utterances to settle before it is fed.
     waits_for: tuple[Utterance, ...] = ()
+    settings: bool = False
 
     @property
     def settled(self) -> bool:
@@ -218,6 +226,14 @@ class _Liveness:
 
     pending_since: float | None = None  # earliest handing not followed by audio
     last_activity: float | None = None  # last handing or audio
+    # Whether the instance has sent audio since it went live (or since a
+    # settings update it may have reconnected for): its first audio may
+    # include the provider warming up a connection, so it is timed against
+    # the ceiling.
+    heard: bool = False
+    # When each context's first audio became due (its text was handed, or
+    # for a provider that waits for the flush, flushed), until it came.
+    due: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,14 +267,31 @@ class Ledger:
 
     Args:
         first_audio_timeout: Seconds the provider may take to send audio after
-            text was handed to it.
-        stall_timeout: Seconds audio may pause while more is due.
+            text was handed to it (the ceiling, when ``adaptive_timeouts``).
+        stall_timeout: Seconds audio may pause while more is due (the
+            ceiling, when ``adaptive_timeouts``).
         speaking_rate: Characters per second the voice speaks at, at its
             slowest, as a start for the session's measured rate (None: nothing
             is estimated until something was measured).
         word_timings: Whether the provider reports word timings. Without
             them, nothing will ever correct an estimate of what audio covered,
             so it assumes speech a little slower still (``NO_TIMINGS_MARGIN``).
+        adaptive_timeouts: Whether :meth:`overdue` waits what this provider
+            was measured to need rather than the fixed timeouts: its smoothed
+            time to first audio (from when audio became due to the context's
+            first audio) and smoothed gaps in owed audio, each plus four mean
+            deviations and a margin, between ``min_timeout`` and the fixed
+            timeouts (see :mod:`pipecat_resilient._adaptive`). The fixed
+            timeouts apply until a few waits were measured, to an instance's
+            first audio, and to the next wait after a learned timeout ran out.
+        min_timeout: The least a learned timeout may be, in seconds (None:
+            ``MIN_TIMEOUT_S``, 0.25 s, or the shorter fixed timeout if that is
+            less).
+
+    Raises:
+        TypeError: ``adaptive_timeouts`` is not a bool.
+        ValueError: ``min_timeout`` is not a positive number of seconds, or
+            is longer than a fixed timeout.
     """
 
     def __init__(
@@ -268,10 +301,36 @@ class Ledger:
         stall_timeout: float = 2.0,
         speaking_rate: float | None = None,
         word_timings: bool = True,
+        adaptive_timeouts: bool = True,
+        min_timeout: float | None = None,
     ) -> None:
         """Create an empty ledger in the LIVE state."""
         self.first_audio_timeout = first_audio_timeout
         self.stall_timeout = stall_timeout
+        if not isinstance(adaptive_timeouts, bool):
+            raise TypeError(f"adaptive_timeouts must be True or False, got {adaptive_timeouts!r}")
+        self.adaptive_timeouts = adaptive_timeouts
+        shortest = min(first_audio_timeout, stall_timeout)
+        if min_timeout is None:
+            min_timeout = min(MIN_TIMEOUT_S, shortest)
+        else:
+            check_seconds(min_timeout=min_timeout)
+            if min_timeout > shortest:
+                raise ValueError(
+                    f"min_timeout ({min_timeout:g}s) must not be longer than first_audio_timeout "
+                    f"({first_audio_timeout:g}s) or stall_timeout ({stall_timeout:g}s): those are the "
+                    "ceilings the learned timeouts stay under"
+                )
+        self.min_timeout = min_timeout
+        # What the provider was measured to take: to start speaking text it
+        # has, and between pieces of audio it owes. Kept across drops, like
+        # the speaking rate (a fresh connection to the same provider answers
+        # as fast), and one pair per provider of a fallback chain.
+        self._first_audio = AdaptiveTimeout()
+        self._gaps = AdaptiveTimeout()
+        self._waits: dict[object, tuple[AdaptiveTimeout, AdaptiveTimeout]] = {
+            0: (self._first_audio, self._gaps)
+        }
         self.word_timings = word_timings
         self.state = State.LIVE
         self._journal = _Journal()
@@ -285,6 +344,9 @@ class Ledger:
         self._rate = SpeakingRate()
         if speaking_rate is not None:
             self._rate.assume(speaking_rate)
+        self._speaking_rate = speaking_rate
+        # One rate per provider of a fallback chain (each has its own voice).
+        self._rates: dict[object, SpeakingRate] = {0: self._rate}
         # Settings updates accepted while a turn was open, for after its end.
         self._deferred: list[object] = []
         self._blocked = False
@@ -399,7 +461,9 @@ class Ledger:
 
     def _append_settings(self, frame: object) -> None:
         waits_for = tuple(self._unsettled_utterances())
-        self._append(_Piece(_PieceKind.FRAME, None, frame, interruptible=False, waits_for=waits_for))
+        self._append(
+            _Piece(_PieceKind.FRAME, None, frame, interruptible=False, waits_for=waits_for, settings=True)
+        )
 
     def _flush_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
@@ -435,6 +499,7 @@ class Ledger:
                 # listener, until the interruption itself does: what it covers
                 # is still told to the context (see interruption_passed()).
                 self._interrupted[context_id] = self._contexts.pop(context_id)
+                self._liveness.due.pop(context_id, None)
         self._trim()
         if not self._expecting_audio():
             self._liveness.pending_since = None
@@ -482,6 +547,8 @@ class Ledger:
                 self._contexts[context_id] = entry
             entry[1].handed(len(text.split()), text)
             utterance.stopped = False
+            if audio_due and entry[1].audio_s == 0:
+                self._liveness.due.setdefault(context_id, now)
         liveness = self._liveness
         if audio_due and liveness.pending_since is None:
             liveness.pending_since = now
@@ -499,6 +566,11 @@ class Ledger:
         silent = any(t.handed_words and t.audio_s == 0 for t in utterance.timelines)
         if now is not None and silent and self._liveness.pending_since is None:
             self._liveness.pending_since = now
+        if now is not None and silent:
+            # A provider that waits for the flush owes its first audio from now.
+            for context_id, (owner, timeline) in self._contexts.items():
+                if owner is utterance and timeline.handed_words and timeline.audio_s == 0:
+                    self._liveness.due.setdefault(context_id, now)
 
     def audio_pushed(
         self, context_id: str | None, seconds: float, *, now: float, silence: float = 0.0
@@ -513,13 +585,31 @@ class Ledger:
             the context: :meth:`context_text`), or None.
         """
         liveness = self._liveness
+        if self.state is State.LIVE and self.adaptive_timeouts:
+            self._measure(context_id, now)
         liveness.pending_since = None
         liveness.last_activity = now
+        liveness.heard = True
         entry = self._entry(context_id)
         if entry is None:
             return None
         entry[1].audio(seconds, silence)
         return entry[0] if self._update_voiced(entry[0]) else None
+
+    def _measure(self, context_id: str | None, now: float) -> None:
+        """Learn from audio arriving on the live instance how long this provider makes its waits."""
+        liveness = self._liveness
+        due = liveness.due.pop(context_id, None) if context_id else None
+        if due is not None:
+            # The context's first audio: how long the provider took to start
+            # on text it had (never shorter than the watchdog's own wait,
+            # which starts at a handing or flush no earlier than this).
+            self._first_audio.measured(now - due)
+        elif liveness.last_activity is not None and (
+            liveness.pending_since is not None or self._expecting_audio()
+        ):
+            # More audio while some was owed: a wait the stall watchdog timed.
+            self._gaps.measured(now - liveness.last_activity)
 
     def _entry(self, context_id: str | None) -> tuple[Utterance, Timeline] | None:
         """A context's utterance and timeline (an interrupted one's too, until the interruption passed)."""
@@ -561,6 +651,7 @@ class Ledger:
         entry = self._contexts.pop(context_id, None) if context_id else None
         if entry is None:
             return None
+        self._liveness.due.pop(context_id or "", None)
         utterance, timeline = entry
         utterance.stopped = True
         timeline.final = True
@@ -643,6 +734,17 @@ class Ledger:
     # Inputs: connection changes.
     # ------------------------------------------------------------------
 
+    def use_provider(self, key: object, *, word_timings: bool) -> None:
+        """Evidence from here on comes from provider ``key`` of a fallback chain (its own speaking rate)."""
+        self.word_timings = word_timings
+        rate = self._rates.get(key)
+        if rate is None:
+            rate = self._rates[key] = SpeakingRate()
+            if self._speaking_rate is not None:
+                rate.assume(self._speaking_rate)
+        self._rate = rate
+        self._first_audio, self._gaps = self._waits.setdefault(key, (AdaptiveTimeout(), AdaptiveTimeout()))
+
     def connection_lost(self, *, now: float) -> None:
         """The live instance failed; nothing more is handed to it.
 
@@ -707,6 +809,11 @@ class Ledger:
                 break
             unfed.popleft()
             piece.fed = True
+            if piece.settings:
+                # A new voice or model may reconnect the instance, and answer
+                # at another pace: its next first audio is timed against the
+                # ceiling (and measured, which widens the timeout if slower).
+                self._liveness.heard = False
             action = self._action_for(piece)
             if action is not None:
                 actions.append(action)
@@ -721,15 +828,64 @@ class Ledger:
         if self.state is not State.LIVE:
             return None
         liveness = self._liveness
+        first_audio, stall = self.timeouts
         if liveness.pending_since is not None:
-            if now - liveness.pending_since > self.first_audio_timeout:
-                return f"no audio within {self.first_audio_timeout:g}s of text being handed over"
+            if now - liveness.pending_since > first_audio:
+                learned = first_audio < self.first_audio_timeout
+                if learned:
+                    # TCP backs its timer off after a timeout; the next wait
+                    # is timed against the ceiling until one is measured.
+                    self._first_audio.expired()
+                note = self._learned(learned)
+                return f"no audio within {first_audio:.3g}s of text being handed over{note}"
             return None
         if liveness.last_activity is None or not self._expecting_audio():
             return None
-        if now - liveness.last_activity > self.stall_timeout:
-            return f"audio stalled for more than {self.stall_timeout:g}s"
+        if now - liveness.last_activity > stall:
+            learned = stall < self.stall_timeout
+            if learned:
+                self._gaps.expired()
+                self._first_audio.expired()
+            return f"audio stalled for more than {stall:.3g}s{self._learned(learned)}"
         return None
+
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """The first-audio and stall timeouts :meth:`overdue` applies to the live instance now (seconds).
+
+        The fixed ones, unless ``adaptive_timeouts``: then what this provider
+        was measured to need, once learned and once the instance has sent
+        audio (its first audio may include warming up a fresh connection).
+        """
+        first_audio, stall = self.first_audio_timeout, self.stall_timeout
+        if not self.adaptive_timeouts or not self._liveness.heard:
+            return first_audio, stall
+        floor = self.min_timeout
+        learned_first = self._first_audio.timeout(floor=floor, ceiling=first_audio)
+        # A pause in audio that is owed may be the provider starting on the
+        # next piece of text: it may take as long as a first audio.
+        learned_stall = max(
+            self._gaps.timeout(floor=floor, ceiling=stall),
+            self._first_audio.timeout(floor=floor, ceiling=stall),
+        )
+        return learned_first, learned_stall
+
+    @property
+    def shortest_timeout(self) -> float:
+        """The shortest wait :meth:`overdue` may ever time (seconds): how often to ask it."""
+        shortest = min(self.first_audio_timeout, self.stall_timeout)
+        return min(shortest, self.min_timeout) if self.adaptive_timeouts else shortest
+
+    def _learned(self, learned: bool) -> str:
+        """What a learned timeout was learned from, for the reason :meth:`overdue` gives."""
+        if not learned:
+            return ""
+        parts = []
+        for what, estimate in (("first audio", self._first_audio), ("pauses in audio", self._gaps)):
+            smoothed, deviation = estimate.smoothed, estimate.deviation
+            if smoothed is not None and deviation is not None:
+                parts.append(f"{what} {smoothed * 1000:.0f} ± {deviation * 1000:.0f} ms")
+        return f" (learned from this provider: {', '.join(parts)})"
 
     def gave_up(self) -> tuple[list[str], list[object]]:
         """Recovery gave up: empty the journal.
@@ -856,6 +1012,7 @@ class Ledger:
         utterance.settled = True
         for context_id in [c for c, (u, _) in self._contexts.items() if u is utterance]:
             del self._contexts[context_id]
+            self._liveness.due.pop(context_id, None)
         self._trim()
 
     def _trim(self) -> None:

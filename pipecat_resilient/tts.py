@@ -28,7 +28,7 @@ later drop gets the latest settings before it goes live.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ from pipecat_resilient._hosting import Episode, Hosted, HostedState, now
 from pipecat_resilient._resilient import Abandoned, RecoveryReport, ResilientProcessor
 from pipecat_resilient._timeline import silent_seconds
 from pipecat_resilient.failures import Failure
+from pipecat_resilient.health import HealthStore
 from pipecat_resilient.ledger import Action, ActionKind, Ledger, State, Utterance
 from pipecat_resilient.policy import RetryPolicy, check_positive, check_seconds
 from pipecat_resilient.providers import TTSAdapter, WordTiming, tts_adapter_for
@@ -103,6 +104,8 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             instance is connected and the unheard text was replayed into it.
         on_connection_given_up: ``(processor, error: ReplayFailed)`` - recovery
             is exhausted; ``error.unspoken`` is the text nobody heard.
+        on_provider_switched: ``(processor, from_name, to_name, reason)`` - the
+            processor moved to another provider of its fallback chain.
         on_connected, on_disconnected, on_connection_error, on_tts_request, and
             any other event of the stock service: forwarded from the live
             instance, as the stock service raises them (``on_disconnected``
@@ -115,23 +118,59 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         retry: How hard to try for a fresh connection after a drop.
         first_audio_timeout: Seconds the provider may take to start sending
             audio after text was handed to it before the connection is
-            considered dead (catches half-open sockets).
+            considered dead (catches half-open sockets). With
+            ``adaptive_timeouts``, the most it may take.
         stall_timeout: Seconds audio may pause while the provider still owes
-            some before the connection is considered dead.
+            some before the connection is considered dead. With
+            ``adaptive_timeouts``, the most it may pause.
+        adaptive_timeouts: Learn how long this provider takes, as TCP learns
+            its retransmission timer: the connection is considered dead once
+            it is quiet for its smoothed time to first audio (or pause in
+            audio) plus four mean deviations and a margin, between
+            ``min_timeout`` and the two timeouts above. So a half-open socket
+            on a provider that answers in 150 ms is caught in about a third
+            of a second, and a slow provider is given the time it needs. The
+            timeouts above apply until a few answers were measured, to each
+            fresh connection's first audio, and to the next wait after a
+            learned timeout ran out. False: always the timeouts above.
+        min_timeout: With ``adaptive_timeouts``, the shortest a learned
+            timeout may be, in seconds (None: 0.25 s, or the shorter of the
+            timeouts above if that is less).
         speaking_rate: For providers without word timings (Deepgram): the
             characters per second the voice speaks at, at its slowest, so that
             what was heard of a sentence cut in the session's first utterance
             can be estimated (later ones use the rate measured in the session).
             Too fast a figure would make a replay skip words; None (the
             default) replays a first cut utterance from its start instead.
+        fallbacks: Factories of other TTS providers to fall back on, in order
+            of preference (each called twice at construction, like
+            ``factory``). When the provider in use fails ``switch_after``
+            connection attempts in a row, fails permanently (a bad key), or
+            its health says it is down, the unheard text goes to the next
+            provider from the first unheard word. Settings updates apply to
+            the provider in use when they arrive; each provider keeps its own.
+        health: Where provider health (a circuit breaker per provider) is
+            kept: :func:`~pipecat_resilient.health.default_store` (shared in
+            this process) when None, or a
+            :class:`~pipecat_resilient.redis_health.RedisHealthStore` to share
+            it across a fleet.
+        switch_back: With fallbacks: ``"boundary"`` (default) goes back to a
+            preferred provider at the next utterance boundary once it is
+            healthy (tried with a connection, nothing billed); ``"never"``
+            keeps the fallback for the rest of the session (one voice).
+        switch_after: With fallbacks: failed connection attempts on one
+            provider, within a recovery, before the next is tried (default 1:
+            a dropped socket is reconnected once, then the chain moves on).
         **kwargs: Passed to ``FrameProcessor`` (``name=`` and so on).
 
     Raises:
-        TypeError: ``factory`` is not callable or does not return a ``TTSService``.
+        TypeError: ``factory`` is not callable or does not return a
+            ``TTSService``, or ``adaptive_timeouts`` is not a bool.
         ValueError: ``factory`` raised or returned the same object twice, or a
             timeout is not a positive number, or it is not shorter than the
             service's own ``stop_frame_timeout_s`` (after which Pipecat marks
-            unheard text as spoken).
+            unheard text as spoken), or ``min_timeout`` is longer than a
+            timeout.
     """
 
     def __init__(
@@ -141,7 +180,13 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         retry: RetryPolicy | None = None,
         first_audio_timeout: float = 2.0,
         stall_timeout: float = 2.0,
+        adaptive_timeouts: bool = True,
+        min_timeout: float | None = None,
         speaking_rate: float | None = None,
+        fallbacks: Sequence[Callable[[], TTSService]] = (),
+        health: HealthStore | None = None,
+        switch_back: str = "boundary",
+        switch_after: int = 1,
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
@@ -149,18 +194,28 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         if speaking_rate is not None:
             check_positive(speaking_rate=speaking_rate)
         self._ledger = Ledger(
-            first_audio_timeout=first_audio_timeout, stall_timeout=stall_timeout, speaking_rate=speaking_rate
+            first_audio_timeout=first_audio_timeout,
+            stall_timeout=stall_timeout,
+            speaking_rate=speaking_rate,
+            adaptive_timeouts=adaptive_timeouts,
+            min_timeout=min_timeout,
         )
         super().__init__(
             factory,
             TTSService,  # type: ignore[type-abstract]
             journal=self._ledger,
             retry=retry,
-            watchdog_tick=max(0.01, min(first_audio_timeout, stall_timeout) / 5),
+            watchdog_tick=max(0.01, self._ledger.shortest_timeout / 5),
+            fallbacks=fallbacks,
+            health=health,
+            switch_back=switch_back,
+            switch_after=switch_after,
             **kwargs,
         )
-        self._adapter: TTSAdapter = tts_adapter_for(self._host.first.service)
-        self._ledger.word_timings = self._adapter.word_timings
+        # Made when the first instance of each provider was prepared (one
+        # adapter serves every instance of a provider: what it measured
+        # outlives a recovery).
+        self._ledger.word_timings = self._adapter_for(self._host.first).word_timings
         stop_timeout = getattr(self._host.first.service, "_stop_frame_timeout_s", None)
         longest = max(first_audio_timeout, stall_timeout)
         if isinstance(stop_timeout, int | float) and longest >= stop_timeout:
@@ -428,7 +483,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         async def run_tts_observed(text: str, context_id: str) -> Any:
             if hosted is self._live and self._ledger.state is State.LIVE:
                 hosted.tracked_contexts.add(context_id)
-                audio_due = self._adapter.audio_before_flush
+                audio_due = self._adapter_for(hosted).audio_before_flush
                 self._ledger.text_handed(hosted.current, context_id, text, now=now(), audio_due=audio_due)
             async for frame in run_tts(text, context_id):
                 yield frame
@@ -436,13 +491,24 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         service.run_tts = run_tts_observed  # type: ignore[method-assign]
         self._hook_errors(hosted)
         # Word timings, error messages and quiet reconnects, as the provider
-        # reports them (the adapter is built on first use: it is made for the
-        # first instance in __init__).
-        adapter = getattr(self, "_adapter", None) or tts_adapter_for(service)
-        adapter.hook(service, _Sink(self, hosted))
+        # reports them.
+        self._adapter_for(hosted).hook(service, _Sink(self, hosted))
+
+    def _adapter_for(self, hosted: Hosted[TTSService]) -> TTSAdapter:
+        """The adapter of ``hosted``'s provider, made on first use (the primary's in ``__init__``)."""
+        adapters: dict[int, TTSAdapter] = self.__dict__.setdefault("_adapters", {})
+        adapter = adapters.get(hosted.provider)
+        if adapter is None:
+            adapter = adapters[hosted.provider] = tts_adapter_for(hosted.service)
+        return adapter
 
     def _restore_journal(self, hosted: Hosted[TTSService]) -> None:
+        adapter = self._adapter_for(hosted)
+        self._ledger.use_provider(hosted.provider, word_timings=adapter.word_timings)
         self._ledger.connection_restored()
+
+    def _idle(self) -> bool:
+        return self._ledger.in_flight == 0 and self._ledger.open_turn is None
 
     async def _deliver(self, hosted: Hosted[TTSService], frame: Frame) -> None:
         """Record the evidence a frame carries, then pass it downstream."""

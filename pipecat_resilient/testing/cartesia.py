@@ -193,7 +193,6 @@ class CartesiaEmulator(WebsocketEmulator):
         self.seed = seed
         self._sessions: dict[int, _Session] = {}
 
-
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the TTS websocket protocol on one connection."""
         request = state.ws.request

@@ -184,7 +184,6 @@ class DeepgramTTSEmulator(WebsocketEmulator):
         self.idle_timeout = idle_timeout
         self._sessions: dict[int, _Session] = {}
 
-
     @property
     def models(self) -> list[str | None]:
         """The ``model`` query parameter (the voice) of each connection, in handshake order.

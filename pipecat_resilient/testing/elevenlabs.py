@@ -110,7 +110,6 @@ class ElevenLabsEmulator(WebsocketEmulator):
         self.realtime = realtime
         self._sessions: dict[int, _Session] = {}
 
-
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the multi-stream-input protocol on one connection."""
         query = parse_qs(urlsplit(state.record.path).query)

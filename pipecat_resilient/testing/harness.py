@@ -181,8 +181,13 @@ class Listener(FrameProcessor):
         """The order of started/stopped/response marks (audio and text collapsed)."""
         return [m.kind for m in self.marks if m.kind not in ("audio", "text")]
 
+    async def notify(self) -> None:
+        """Check the waits again now, for a condition that changed outside the frames (an event)."""
+        async with self._changed:
+            self._changed.notify_all()
+
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds (checked after every frame).
+        """Wait until ``predicate()`` holds (checked after every frame and :meth:`notify`).
 
         Raises:
             TimeoutError: If it does not hold within ``timeout`` seconds.
@@ -378,8 +383,13 @@ class Scenario(PipelineRun):
         )
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds; checked whenever a frame reaches the listener."""
+        """Wait until ``predicate()`` holds; checked whenever a frame reaches the listener
+        and on :meth:`notify`."""
         await self.listener.wait_until(predicate, timeout)
+
+    async def notify(self) -> None:
+        """Check the waits again now (call it from an event handler the predicate looks at)."""
+        await self.listener.notify()
 
     async def wait_heard(self, count: int, timeout: float = 10.0) -> None:
         """Wait until the listener has heard at least ``count`` whole words."""
