@@ -226,6 +226,8 @@ class Host(Generic[S]):
         # rather than in the middle of a call.
         built: list[S] = []
         self.names: list[str] = []
+        # The class each provider's factory builds.
+        self.classes: list[type] = []
         for index in range(len(self.factories)):
             first = self._call_factory(index, construction=True)
             try:
@@ -237,6 +239,7 @@ class Host(Generic[S]):
                     "it must build a new instance on every call (e.g. `lambda: Service(...)`)"
                 ) from None
             built.append(second)
+            self.classes.append(type(first))
             name = type(first).__name__
             if name in self.names:
                 name = f"{name}#{index + 1}"
@@ -476,6 +479,10 @@ class Episode:
     attempts: int = 0
     failures: list[Failure] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    # The provider of the chain the last replacement was of, and the failed
+    # attempts on it so far (its dying before progress is one more).
+    provider: int = 0
+    failed_here: int = 0
 
     def deadline(self) -> float | None:
         """When the recovery must be over, or None for no limit."""

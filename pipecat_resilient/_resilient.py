@@ -626,6 +626,14 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         """Whether nothing is in flight: a boundary where the provider may change (subclasses)."""
         return False
 
+    def _connecting_proves_health(self, hosted: Hosted[S]) -> bool:
+        """Whether a connected instance proves its provider works (a handshake it answered).
+
+        Not for a service that connects nothing until asked (HTTP): there the
+        first real request is the probe, and its outcome is recorded then.
+        """
+        return True
+
     async def _look_at_health(self) -> None:
         """While idle, move to a better provider of the chain: away from one the fleet found down,
         or back to a preferred one that is healthy again (``switch_back="boundary"``)."""
@@ -678,7 +686,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 logger.info(f"{self}: {self._host.names[target]} not taken ({failure.description})")
                 self._note_health(target, failure)
                 return
-            if probe:
+            if probe and self._connecting_proves_health(hosted):
                 self._note_health(target, None)
             async with self._feed_lock:
                 live = self._live
@@ -783,15 +791,19 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             await draining.drain_done.wait()
 
     async def _recover(self, failure: Failure | None) -> None:
+        # Failed connection attempts on the current provider in this episode
+        # (the drop itself is not one: a dropped socket is usually just that;
+        # but an instance that connected and failed again before producing
+        # anything is: an HTTP service "connects" without asking anything).
+        failed_here = 0
         if self._episode is None:
             self._episode = Episode(self._retry, started=now(), rng=self._rng)
+        elif self._episode.provider == self._chain_at:
+            failed_here = self._episode.failed_here + 1
         episode = self._episode
         chain = len(self._host.names) > 1
         # Providers of the chain out of this recovery (failed for good).
         excluded: set[int] = set()
-        # Failed connection attempts on the current provider in this recovery
-        # (the drop itself is not one: a dropped socket is usually just that).
-        failed_here = 0
         switched = False
         try:
             reason = episode.record(failure) if failure is not None else None
@@ -832,6 +844,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 episode.attempts += 1
                 hosted, attempt_failure = await self._connect_once(episode.deadline(), self._chain_at)
                 if hosted is not None:
+                    episode.provider, episode.failed_here = self._chain_at, failed_here
                     await self._go_live(hosted, episode, failure)
                     return
                 assert attempt_failure is not None

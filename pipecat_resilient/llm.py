@@ -31,7 +31,7 @@ code writes into ``get_llm_adapter()`` (built-in tools) holds for all of them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from loguru import logger
@@ -56,6 +56,7 @@ from pipecat.services.settings import ServiceSettings
 from pipecat_resilient._hosting import Episode, Hosted, now
 from pipecat_resilient._resilient import Abandoned, Journal, RecoveryReport, ResilientProcessor
 from pipecat_resilient.failures import Failure, Verdict, classify_exception
+from pipecat_resilient.health import HealthStore
 from pipecat_resilient.inference import (
     Inference,
     InferenceAction,
@@ -70,7 +71,7 @@ __all__ = ["RecoveryReport", "ResilientLLM"]
 
 
 def _is_realtime(service: object) -> bool:
-    """Whether ``service`` is a speech-to-speech session (Gemini Live, OpenAI Realtime).
+    """Whether ``service`` (or, given a class, its instances) is a speech-to-speech session.
 
     Told by class name, not by importing the providers' modules: that import
     logs an ERROR in an install without the provider's extra.
@@ -81,7 +82,7 @@ def _is_realtime(service: object) -> bool:
             cls.__name__ == "OpenAIRealtimeLLMService"
             and cls.__module__.startswith("pipecat.services.openai")
         )
-        for cls in type(service).__mro__
+        for cls in (service if isinstance(service, type) else type(service)).__mro__
     )
 
 
@@ -114,10 +115,34 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
         first_token_timeout: Seconds an answer may take to start streaming
             (request/response services).
         stall_timeout: Seconds a started answer may go without a chunk.
+        fallbacks: Factories of other LLM services to fall back on, in order
+            of preference (each called twice at construction, like
+            ``factory``): streaming services for a streaming primary (another
+            OpenAI-compatible endpoint, another provider), sessions of the
+            same provider for a speech-to-speech one. When the service in use
+            fails ``switch_after`` connection attempts in a row, fails
+            permanently (a bad key), or its health says it is down, the
+            answer continues on the next one under the same rules as a
+            reconnect (a cut answer is continued, function calls never run
+            twice).
+        health: Where provider health (a circuit breaker per provider) is
+            kept: :func:`~pipecat_resilient.health.default_store` when None,
+            or a :class:`~pipecat_resilient.redis_health.RedisHealthStore` to
+            share it across a fleet.
+        switch_back: With fallbacks: ``"boundary"`` (default) goes back to a
+            preferred streaming service between answers once its breaker lets
+            a probe through; an HTTP service has no connection to probe, so
+            that next answer is the probe, and if it fails before its first
+            token it is answered by the fallback with nothing shown.
+            ``"never"`` keeps the fallback. A speech-to-speech session stays
+            on its fallback for the rest of the call.
+        switch_after: With fallbacks: failed connection attempts on one
+            provider, within a recovery, before the next is tried.
         **kwargs: Passed to ``FrameProcessor``.
 
     Raises:
-        TypeError: ``factory`` is not callable or does not build an ``LLMService``.
+        TypeError: ``factory`` is not callable or does not build an ``LLMService``,
+            or a fallback is of another kind than the primary.
         ValueError: ``factory`` raised or returned the same object twice, or a
             timeout is not a positive number.
     """
@@ -145,6 +170,10 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
         replay: ReplayPolicy | None = None,
         first_token_timeout: float = 5.0,
         stall_timeout: float = 3.0,
+        fallbacks: Sequence[Callable[[], LLMService[Any]]] = (),
+        health: HealthStore | None = None,
+        switch_back: str = "boundary",
+        switch_after: int = 1,
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
@@ -156,8 +185,38 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
             journal=self._new_journal(first_token_timeout, stall_timeout),
             retry=retry,
             watchdog_tick=max(0.01, min(first_token_timeout, stall_timeout) / 5),
+            fallbacks=fallbacks,
+            health=health,
+            switch_back=switch_back,
+            switch_after=switch_after,
             **kwargs,
         )
+        self._check_chain()
+
+    def _check_chain(self) -> None:
+        """A fallback chain is of one kind: streaming LLMs, or sessions of one speech-to-speech provider."""
+        primary, *others = self._host.classes
+        for index, cls in enumerate(others):
+            if _is_realtime(cls) != _is_realtime(primary):
+                raise TypeError(
+                    f"{type(self).__name__}: fallbacks[{index}] builds a {cls.__name__}, but the primary "
+                    f"is a {primary.__name__}: streaming LLMs and speech-to-speech sessions cannot "
+                    "fall back on each other"
+                )
+            if _is_realtime(cls) and cls is not primary:
+                raise TypeError(
+                    f"{type(self).__name__}: fallbacks[{index}] builds a {cls.__name__}, but the primary "
+                    f"is a {primary.__name__}: a speech-to-speech session falls back on another "
+                    "session of the same provider (another key, region or model)"
+                )
+
+    def _idle(self) -> bool:
+        """No answer or frame in flight: a boundary where the provider may change."""
+        return self._inferences.in_flight == 0
+
+    def _connecting_proves_health(self, hosted: Hosted[LLMService]) -> bool:
+        """A streaming (HTTP) service connects nothing before it is asked: its next answer is the probe."""
+        return _is_realtime(hosted.service)
 
     def _new_journal(self, first_token_timeout: float, stall_timeout: float) -> Journal:
         """Make (and keep) the journal of what is in flight; ``self._replay`` is set."""
@@ -410,8 +469,13 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
         service = hosted.service
         journal = self._inferences
         first = self._host.first if hasattr(self, "_host") else None
-        if first is not None and first.service is not service:
-            # One adapter for every instance: what Pipecat code writes into
+        if (
+            first is not None
+            and first.service is not service
+            and type(first.service._adapter) is type(service._adapter)
+        ):
+            # One adapter for every instance (of one kind: a fallback of
+            # another provider keeps its own): what Pipecat code writes into
             # get_llm_adapter() (built-in tools...) holds for all of them.
             service._adapter = first.service._adapter
 

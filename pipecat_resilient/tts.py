@@ -57,6 +57,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.settings import ServiceSettings, TTSSettings
 from pipecat.services.tts_service import TTSService
+from pipecat.services.websocket_service import WebsocketService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.text.base_text_aggregator import TextType
 
@@ -506,6 +507,10 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         adapter = self._adapter_for(hosted)
         self._ledger.use_provider(hosted.provider, word_timings=adapter.word_timings)
         self._ledger.connection_restored()
+
+    def _connecting_proves_health(self, hosted: Hosted[TTSService]) -> bool:
+        """A websocket handshake proves the provider answers; an HTTP service connects nothing."""
+        return isinstance(hosted.service, WebsocketService)
 
     def _idle(self) -> bool:
         return self._ledger.in_flight == 0 and self._ledger.open_turn is None
