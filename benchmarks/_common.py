@@ -88,11 +88,12 @@ def build(side: str, url: str) -> tuple[FrameProcessor, list[FrameProcessor]]:
     """The processor under test and what follows it.
 
     ``bare``: the stock service; ``resilient``: the same inside ResilientTTS;
+    ``resilient+standby``: with a warm standby connected beside it;
     ``bare+hop``: the stock service followed by a pass-through processor.
     """
     make = factory(url)
-    if side == "resilient":
-        return ResilientTTS(make), []
+    if side.startswith("resilient"):
+        return ResilientTTS(make, standby=side == "resilient+standby"), []
     return make(), [PassThrough()] if side == "bare+hop" else []
 
 

@@ -8,7 +8,10 @@ ratio to the bare service. A third side, the bare service followed by a
 pass-through processor, shows what any one more pipeline stage costs, for
 reference.
 
-    python benchmarks/overhead.py [--utterances 100] [--rounds 30]
+With ``--standby`` a fourth side runs ResilientTTS with a warm standby
+connected beside it (its keep-alive included in the CPU time).
+
+    python benchmarks/overhead.py [--utterances 100] [--rounds 30] [--standby]
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import gc
 
 from _common import Run, emulator_process, median, quiet, speak
 
-SIDES = ("bare", "resilient", "bare+hop")
+SIDES: tuple[str, ...] = ("bare", "resilient", "bare+hop")
 
 
 def _per_frame(run: Run) -> float:
     return run.cpu / run.frames
 
 
-async def main(utterances: int, rounds: int) -> None:
+async def main(utterances: int, rounds: int, standby: bool = False) -> None:
     quiet()
+    global SIDES
+    if standby:
+        SIDES = ("bare", "resilient", "resilient+standby", "bare+hop")
     ms_per_char = 1.0
     results: dict[str, list[Run]] = {side: [] for side in SIDES}
     ratios: dict[str, list[float]] = {side: [] for side in SIDES[1:]}
@@ -67,5 +73,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--utterances", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--standby", action="store_true", help="add a side with a warm standby")
     args = parser.parse_args()
-    asyncio.run(main(args.utterances, args.rounds))
+    asyncio.run(main(args.utterances, args.rounds, args.standby))

@@ -11,7 +11,12 @@ the drop, draining, making and setting up a fresh instance, replaying.
 The bare stock service reconnects too, but never resends the text: it has no
 recovery to time (its figure is the count of utterances it left unfinished).
 
-    python benchmarks/recovery.py [--faults 60] [--first-audio-delay 0.1]
+With ``--standby`` the processor keeps a warm standby connected
+(``ResilientTTS(standby=True)``): the replay goes to it with no handshake,
+so recovery is compared with the emulator's first-audio delay alone. Each
+fault waits for the standby to be back (a drop every few seconds at most).
+
+    python benchmarks/recovery.py [--faults 60] [--first-audio-delay 0.1] [--standby]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ async def baseline(emulator: ElevenLabsEmulator, count: int) -> list[float]:
     return times
 
 
-async def main(faults: int, first_audio_delay: float) -> None:
+async def main(faults: int, first_audio_delay: float, standby: bool = False) -> None:
     quiet()
     kinds = [
         Fault.close(1012, after_audio_chunks=3),
@@ -53,26 +58,44 @@ async def main(faults: int, first_audio_delay: float) -> None:
     ]
     async with ElevenLabsEmulator(ms_per_char=2.0, first_audio_delay=first_audio_delay) as emulator:
         own = await baseline(emulator, 30)
-        run = Scenario(ResilientTTS(factory(emulator.url)), spc=emulator.samples_per_char(24000))
+        tts = ResilientTTS(factory(emulator.url), standby=standby)
+        run = Scenario(tts, spc=emulator.samples_per_char(24000))
         await run.start()
         for index in range(faults):
-            emulator.arm(kinds[index % len(kinds)])
+            if standby:
+                async with asyncio.timeout(30):
+                    while not tts.standby_ready:
+                        await asyncio.sleep(0.005)
+            # On every open connection: only the one that speaks carries it out.
+            emulator.arm(kinds[index % len(kinds)], on="open")
             await run.send(TTSSpeakFrame(SENTENCES[index % len(SENTENCES)]))
             await run.wait_until(lambda n=index + 1: run.listener.stopped >= n, 30)
         await run.end()
         recoveries = []
-        for before, after in zip(emulator.connections, emulator.connections[1:], strict=False):
-            if before.fault_at is not None and after.first_audio_at is not None:
-                recoveries.append(after.first_audio_at - before.fault_at)
+        for before in emulator.connections:
+            if before.fault_at is None:
+                continue
+            # The replay's first audio: the first audio after the fault on a later connection.
+            after = [
+                c.first_audio_at
+                for c in emulator.connections[before.index + 1 :]
+                if c.first_audio_at is not None and c.first_audio_at > before.fault_at
+            ]
+            if after:
+                recoveries.append(min(after) - before.fault_at)
+        used = tts.standbys_used
+    if standby:
+        own = [first_audio_delay] * len(own)
     ours = [r - median(own) for r in recoveries]
     print(
         f"{len(recoveries)} drops (close 1012, close 1011, abort), "
         f"emulator first-audio delay {first_audio_delay * 1000:.0f}ms"
+        + (f", warm standby (taken over {used} times)" if standby else "")
     )
     print(f"{'':44}{'p50':>10}{'p95':>10}{'max':>10}")
     for label, values in (
         ("recovery: fault to replayed audio", recoveries),
-        ("emulator's own connect + first audio", own),
+        ("emulator's own first audio" if standby else "emulator's own connect + first audio", own),
         ("ResilientTTS's part (recovery - own p50)", ours),
     ):
         print(f"{label:44}" + "".join(f"{pct(values, q) * 1000:>8.1f}ms" for q in (0.5, 0.95, 1.0)))
@@ -83,5 +106,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faults", type=int, default=60)
     parser.add_argument("--first-audio-delay", type=float, default=0.1)
+    parser.add_argument("--standby", action="store_true", help="keep a warm standby connected")
     args = parser.parse_args()
-    asyncio.run(main(args.faults, args.first_audio_delay))
+    asyncio.run(main(args.faults, args.first_audio_delay, args.standby))

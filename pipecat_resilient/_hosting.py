@@ -90,6 +90,11 @@ class Hosted(Generic[S]):
     service: S
     # Which provider of the fallback chain it is (0: the primary).
     provider: int = 0
+    # How many of its provider's settings updates it was built with (a warm
+    # standby that missed one cannot take over).
+    settings_seen: int = 0
+    # A warm standby, until it takes over: its events are not the shell's.
+    standby: bool = False
     # What logs call it: the stock instance's own name, before the shell gave
     # it its own (so metrics and metadata keep one name across instances).
     label: str = ""
@@ -132,8 +137,8 @@ class Hosted(Generic[S]):
 
     @property
     def speaks_for_owner(self) -> bool:
-        """Whether its events are the shell's: it is live or being connected, not failed."""
-        return self.state in (HostedState.CONNECTING, HostedState.LIVE)
+        """Whether its events are the shell's: live, or being connected (not as a standby)."""
+        return self.state is HostedState.LIVE or (self.state is HostedState.CONNECTING and not self.standby)
 
 
 def _websocket_of(service: object) -> object | None:

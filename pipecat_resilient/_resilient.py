@@ -51,7 +51,16 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 from pipecat.utils.errors import ErrorCategory
 
-from pipecat_resilient._hosting import STABLE_AFTER_S, Episode, Host, Hosted, HostedState, ReusedInstance, now
+from pipecat_resilient._hosting import (
+    STABLE_AFTER_S,
+    Episode,
+    Host,
+    Hosted,
+    HostedState,
+    ReusedInstance,
+    now,
+    socket_open,
+)
 from pipecat_resilient.errors import ReplayFailed
 from pipecat_resilient.failures import Failure, Verdict
 from pipecat_resilient.health import Health, HealthStore, default_store
@@ -89,6 +98,12 @@ SWITCH_BACK = ("boundary", "never")
 # while idle, and tries a preferred provider again at most.
 HEALTH_POLL_S = 1.0
 SWITCH_BACK_INTERVAL_S = 5.0
+
+# How often (seconds) a warm standby is looked at, and how long to wait
+# before connecting another after connecting one failed (doubling).
+STANDBY_CHECK_S = 0.25
+STANDBY_RETRY_S = 0.5
+STANDBY_RETRY_MAX_S = 30.0
 
 
 class Journal(Protocol):
@@ -167,6 +182,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         switch_back: ``"boundary"`` or ``"never"`` (see the subclasses).
         switch_after: Failed connection attempts on one provider, within a
             recovery, before the next provider of the chain is tried.
+        standby: Keep one more instance of the provider in use connected,
+            to take over at the next drop without a handshake.
         **kwargs: Passed to ``FrameProcessor``.
     """
 
@@ -182,6 +199,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         health: HealthStore | None = None,
         switch_back: str = "boundary",
         switch_after: int = 1,
+        standby: bool = False,
         **kwargs: Any,
     ) -> None:
         """Create the shell; validates ``retry`` and (by calling them) ``factory`` and ``fallbacks``."""
@@ -196,6 +214,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             raise ValueError(f"switch_back must be one of {', '.join(SWITCH_BACK)}, got {switch_back!r}")
         if isinstance(switch_after, bool) or not isinstance(switch_after, int) or switch_after < 1:
             raise ValueError(f"switch_after must be a whole number of at least 1, got {switch_after!r}")
+        if not isinstance(standby, bool):
+            raise TypeError(f"standby must be True or False, got {standby!r}")
         if health is not None and not all(
             callable(getattr(health, name, None))
             for name in ("state", "record_failure", "record_success", "try_acquire_probe")
@@ -212,6 +232,13 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._health_checked_at = 0.0
         self._switch_back_tried_at = 0.0
         self._switching: asyncio.Task[None] | None = None
+        # A warm standby: an instance connected ahead of time, taken at the
+        # next drop instead of paying for a handshake then.
+        self._standby_wanted = standby
+        self._standby: Hosted[S] | None = None
+        self._standby_task: asyncio.Task[None] | None = None
+        self._standby_changed = asyncio.Event()
+        self.standbys_used = 0
         self._watchdog_tick = watchdog_tick
         self._live: Hosted[S] | None = None
         self._setup_data: FrameProcessorSetup | None = None
@@ -255,6 +282,12 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     def provider_name(self) -> str:
         """The name of the provider in use (a stock service class name, ``#n`` for a repeat)."""
         return self._host.names[self._chain_at]
+
+    @property
+    def standby_ready(self) -> bool:
+        """Whether a warm standby (``standby=True``) is connected and could take over now."""
+        standby = self._standby
+        return standby is not None and self._standby_usable(standby, self._chain_at)
 
     @property
     def providers(self) -> list[str]:
@@ -368,6 +401,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _apply_settings(self, hosted: Hosted[S], frame: ServiceUpdateSettingsFrame) -> None:
         """Have the live instance apply a settings update, and every fresh one after it."""
         self._applied_settings.append(frame)
+        self._standby_changed.set()  # the standby must catch up
         await hosted.service.queue_frame(_settings_for_instance(frame))
 
     async def _start(self, frame: StartFrame) -> None:
@@ -375,6 +409,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._start_frame = frame
         await self.push_frame(frame)
         self._watchdog_task = self.create_task(self._watchdog(), name="watchdog")
+        if self._standby_wanted:
+            self._standby_task = self.create_task(self._keep_standby(), name="standby")
         first = self._host.first
         first.state = HostedState.LIVE
         first.live_since = now()
@@ -842,9 +878,16 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                     await asyncio.sleep(wait)
                 switched = False
                 episode.attempts += 1
-                hosted, attempt_failure = await self._connect_once(episode.deadline(), self._chain_at)
+                hosted = self._take_standby(self._chain_at)
+                from_standby = hosted is not None
+                attempt_failure = None
+                if hosted is None:
+                    hosted, attempt_failure = await self._connect_once(episode.deadline(), self._chain_at)
                 if hosted is not None:
                     episode.provider, episode.failed_here = self._chain_at, failed_here
+                    if from_standby and "on_connected" in self._event_handlers:
+                        # Its own was kept quiet when it connected as the standby.
+                        await self._call_event_handler("on_connected")
                     await self._go_live(hosted, episode, failure)
                     return
                 assert attempt_failure is not None
@@ -866,15 +909,16 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         await self._give_up(reason, episode)
 
     async def _connect_once(
-        self, deadline: float | None = None, provider: int | None = None
+        self, deadline: float | None = None, provider: int | None = None, *, standby: bool = False
     ) -> tuple[Hosted[S] | None, Failure | None]:
         """Make, set up and start a fresh instance of ``provider`` (the current one when None),
-        all within ``attempt_timeout`` and ``deadline``."""
+        all within ``attempt_timeout`` and ``deadline`` (as a warm standby: its events kept quiet)."""
         assert self._setup_data is not None and self._start_frame is not None
         if provider is None:
             provider = self._chain_at
         try:
             hosted = self._host.make(provider)
+            hosted.standby = standby
         except (TypeError, ReusedInstance) as exc:
             return None, Failure(Verdict.PERMANENT, "application", f"factory: {exc}")
         except Exception as exc:
@@ -1050,10 +1094,86 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 self._episode = None
 
     async def _stop_tasks(self) -> None:
-        for task in (self._watchdog_task, self._recovery_task, self._switching):
+        for task in (self._watchdog_task, self._recovery_task, self._switching, self._standby_task):
             if task is not None and task is not asyncio.current_task():
                 await self.cancel_task(task)
-        self._watchdog_task = self._recovery_task = self._switching = None
+        self._watchdog_task = self._recovery_task = self._switching = self._standby_task = None
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            self._host.retire(standby)
+
+    # ------------------------------------------------------------------
+    # The warm standby
+    # ------------------------------------------------------------------
+
+    def _standby_usable(self, hosted: Hosted[S], provider: int) -> bool:
+        """Whether a standby can take over for ``provider`` now: connected, same provider, same settings."""
+        return (
+            hosted.state is HostedState.CONNECTING
+            and hosted.provider == provider
+            and not hosted.failures
+            and socket_open(hosted.service) is not False
+            and hosted.settings_seen == len(self._settings_by_provider.get(provider, []))
+        )
+
+    def _take_standby(self, provider: int) -> Hosted[S] | None:
+        """The standby, if it can take over for ``provider`` (a new one is connected in the background)."""
+        standby = self._standby
+        if standby is None:
+            return None
+        self._standby = None
+        self._standby_changed.set()
+        if not self._standby_usable(standby, provider):
+            logger.debug(
+                f"{self}: the standby {standby} cannot take over ({standby.state.value}, provider "
+                f"{standby.provider}, {len(standby.failures)} failures, socket open: "
+                f"{socket_open(standby.service)}, settings {standby.settings_seen}/"
+                f"{len(self._settings_by_provider.get(provider, []))}); connecting a fresh instance"
+            )
+            self._host.retire(standby)
+            return None
+        self.standbys_used += 1
+        standby.standby = False
+        logger.debug(f"{self}: taking over on the standby {standby}")
+        return standby
+
+    async def _keep_standby(self) -> None:
+        """Keep one instance of the provider in use connected and healthy, replacing it when it dies,
+        falls behind a settings change or the chain moves; its own keep-alive keeps it open."""
+        wait = 0.0
+        while not self._ended:
+            standby = self._standby
+            if standby is not None and not self._standby_usable(standby, self._chain_at):
+                logger.debug(f"{self}: the standby {standby} died or fell behind; replacing it")
+                self._standby = None
+                self._host.retire(standby)
+                standby = None
+            if (
+                standby is None
+                and self._live is not None
+                and self._live.state is HostedState.LIVE
+                and self.state is State.LIVE
+                and await self._health_of(self._chain_at) is not Health.OPEN
+            ):
+                provider = self._chain_at
+                seen = len(self._settings_by_provider.get(provider, []))
+                hosted, failure = await self._connect_once(None, provider, standby=True)
+                if hosted is not None:
+                    hosted.settings_seen = seen
+                    if self._ended or provider != self._chain_at:
+                        self._host.retire(hosted)
+                    else:
+                        self._standby = hosted
+                        wait = 0.0
+                else:
+                    assert failure is not None
+                    logger.debug(f"{self}: connecting a standby failed ({failure.description})")
+                    wait = min(STANDBY_RETRY_MAX_S, max(STANDBY_RETRY_S, wait * 2))
+            self._standby_changed.clear()
+            try:
+                await asyncio.wait_for(self._standby_changed.wait(), wait or STANDBY_CHECK_S)
+            except TimeoutError:
+                pass
 
 
 def failure_permanent(episode: Episode) -> bool:

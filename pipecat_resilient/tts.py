@@ -162,6 +162,14 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         switch_after: With fallbacks: failed connection attempts on one
             provider, within a recovery, before the next is tried (default 1:
             a dropped socket is reconnected once, then the chain moves on).
+        standby: Keep a warm standby: one more instance of the provider in
+            use, connected and kept open by the stock service's own
+            keep-alive, so that a drop costs no handshake (the replay starts
+            on it at once and another is connected in the background). One
+            that dies, or missed a settings change, is replaced before it is
+            needed. The cost: one more open connection per bot (most
+            providers bill audio, not connections; check your plan's
+            concurrency limit). Default False.
         **kwargs: Passed to ``FrameProcessor`` (``name=`` and so on).
 
     Raises:
@@ -188,6 +196,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         health: HealthStore | None = None,
         switch_back: str = "boundary",
         switch_after: int = 1,
+        standby: bool = False,
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
@@ -211,6 +220,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             health=health,
             switch_back=switch_back,
             switch_after=switch_after,
+            standby=standby,
             **kwargs,
         )
         # Made when the first instance of each provider was prepared (one

@@ -124,6 +124,18 @@ class _Armed:
     text_base: int = 0
     received_base: int = 0
     once: bool = False  # armed while running: a delay applies to one message
+    # Shared by the connections one fault was armed on together: the first
+    # to meet its trigger carries it out, the others then never do.
+    group: list[bool] | None = None
+
+    def claim(self) -> bool:
+        """Whether this connection may carry the fault out (its group's first)."""
+        if self.group is None:
+            return True
+        if self.group[0]:
+            return False
+        self.group[0] = True
+        return True
 
 
 class ConnectionState:
@@ -163,10 +175,16 @@ class ConnectionState:
             self._armed.remove(entry)
         return self.first_audio_delay + sum(e.fault.seconds for e in once)
 
-    def arm(self, fault: Fault) -> None:
-        """Add a fault whose triggers count from now (a delay applies to the next message only)."""
+    def arm(self, fault: Fault, group: list[bool] | None = None) -> None:
+        """Add a fault whose triggers count from now (a delay applies to the next message only);
+        ``group`` is shared with the other connections it was armed on together."""
         entry = _Armed(
-            fault, self.record.audio_chunks, self.text_messages, self.record.audio_received, once=True
+            fault,
+            self.record.audio_chunks,
+            self.text_messages,
+            self.record.audio_received,
+            once=True,
+            group=group,
         )
         self._armed.append(entry)
         self._start_timer(entry)
@@ -184,14 +202,14 @@ class ConnectionState:
         if fault.kind is FaultKind.DELAY_FIRST_AUDIO:
             return
         if fault.after_seconds is not None:
-            self._timers.append(asyncio.create_task(self._after(id(entry), fault, fault.after_seconds)))
+            self._timers.append(asyncio.create_task(self._after(entry, fault.after_seconds)))
         elif fault.immediate:
-            self._timers.append(asyncio.create_task(self._after(id(entry), fault, 0.0)))
+            self._timers.append(asyncio.create_task(self._after(entry, 0.0)))
 
-    async def _after(self, key: int, fault: Fault, seconds: float) -> None:
+    async def _after(self, entry: _Armed, seconds: float) -> None:
         await asyncio.sleep(seconds)
-        if any(id(entry) == key for entry in self._armed):  # not disarmed meanwhile
-            await self.fire(key, fault)
+        if any(e is entry for e in self._armed) and entry.claim():  # not disarmed meanwhile
+            await self.fire(id(entry), entry.fault)
 
     def stop_timers(self) -> None:
         for task in self._timers:
@@ -226,7 +244,7 @@ class ConnectionState:
                 count = self.text_messages - entry.text_base
             else:
                 count = self.record.audio_received - entry.received_base
-            if count == wanted:
+            if count == wanted and entry.claim():
                 await self.fire(id(entry), entry.fault)
         if self.faulted.is_set():
             raise _Faulted()
@@ -413,7 +431,10 @@ class WebsocketEmulator(OutageSwitch):
         Args:
             fault: The fault (its ``connection`` field is ignored).
             on: ``"current"`` for the newest open connection (or the next one
-                if none is open), ``"next"`` for the next connection to open.
+                if none is open), ``"next"`` for the next connection to open,
+                ``"open"`` for every open connection, carried out once, by
+                the first whose trigger is met (the one that speaks, when a
+                client keeps a standby connection open beside it).
                 A refusal or a hang always applies to the next handshake.
         """
         if fault.kind is FaultKind.REFUSE:
@@ -423,7 +444,11 @@ class WebsocketEmulator(OutageSwitch):
             self._pending_hangs.append(fault)
             return
         states = [s for s in self._states if not s.record.closed and not s.faulted.is_set()]
-        if on == "current" and states:
+        if on == "open" and states:
+            group = [False]
+            for state in states:
+                state.arm(fault, group)
+        elif on == "current" and states:
             states[-1].arm(fault)
         else:
             self._pending.append(fault)
