@@ -28,6 +28,7 @@ later drop gets the latest settings before it goes live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,8 @@ __all__ = ["RecoveryReport", "ResilientTTS"]
 # received, when the retry policy sets no recovery deadline. It is in memory,
 # so this is a safety bound, not a wait.
 DRAIN_TIMEOUT_S = 5.0
+# How often a drain looks whether the failed instance finished its context.
+DRAIN_POLL_S = 0.005
 
 
 @dataclass
@@ -628,7 +631,14 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 marker = _DrainMarker()
                 hosted.drain_marker = id(marker)
                 await service.append_to_audio_context(context_id, marker)
-                await asyncio.wait_for(hosted.drained.wait(), self._retry.timeout or DRAIN_TIMEOUT_S)
+                # The marker comes out after the audio received before it; or
+                # never, when the provider had already finished the context
+                # (its end is queued before the marker): then the context
+                # closing says the same.
+                async with asyncio.timeout(self._retry.timeout or DRAIN_TIMEOUT_S):
+                    while not hosted.drained.is_set() and service.audio_context_available(context_id):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(hosted.drained.wait(), DRAIN_POLL_S)
         finally:
             # Voiced by the drained audio and not yet told (normally told as
             # the audio went out).

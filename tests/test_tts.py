@@ -618,3 +618,35 @@ async def test_without_word_timings_a_cut_is_said_again_by_two_words_at_most() -
         assert repeated <= 2 * 2
         assert len(spoken_on(emulator)) == 3
         assert run.context_words == expected
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=str)
+async def test_a_drop_after_the_provider_finished_its_audio_recovers_at_once(provider: Provider) -> None:
+    """The socket is cut after the provider sent all of an utterance's audio but before it was all
+    pushed out: the drain does not wait for a marker queued behind the context's end; the next
+    utterance is spoken at once (not after the recovery timeout)."""
+    async with provider.emulator(first_audio_delay=0.05) as emulator:
+        tts = provider.resilient(emulator, retry=RetryPolicy(attempts=4, wait_initial=0.0, wait_max=0.0))
+        run = Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE))
+        await run.start()
+        await run.send(TTSSpeakFrame(SENTENCE))
+        await run.wait_until(lambda: len(run.heard) >= 3)
+        await until_sent(emulator)
+        emulator.outage("refuse", status=503)  # cuts the open connection
+        emulator.restore()
+        await run.send(TTSSpeakFrame(SECOND))
+        # Well within the policy's 15 s timeout, which a stuck drain would run into.
+        await run.wait_until(
+            lambda: len(run.heard) >= len(words(SENTENCE, SECOND)) and run.listener.stopped >= 2, 3.0
+        )
+        await run.end()
+        assert run.heard == words(SENTENCE, SECOND)
+        assert run.context_words == words(SENTENCE, SECOND)
+        assert run.errors == []
+
+
+async def until_sent(emulator: object, timeout: float = 5.0) -> None:
+    """Wait until the emulator has finished sending the first connection's audio."""
+    async with asyncio.timeout(timeout):
+        while not emulator.connections[0].finished:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.002)

@@ -60,6 +60,8 @@ class ConnectionRecord:
         outage: The mode of the outage that answered its handshake, if one did
             (``"refuse"``, ``"stall"``, ``"hang"``).
         cut_by_outage: Whether an outage that started while it was open cut it.
+        finished: How many times the emulator said all of a context's (or a
+            flush's) audio was sent (``isFinal``, ``done``, ``Flushed``).
     """
 
     index: int
@@ -78,6 +80,7 @@ class ConnectionRecord:
     fault_at: float | None = None
     outage: OutageMode | None = None
     cut_by_outage: bool = False
+    finished: int = 0
 
 
 class _Connection(ServerConnection):

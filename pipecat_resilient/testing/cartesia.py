@@ -311,6 +311,7 @@ class CartesiaEmulator(WebsocketEmulator):
                         {"type": "done", "done": True, "status_code": _IN_PROGRESS, "context_id": context.id}
                     )
                 )
+                state.record.finished += 1
                 return
             await self._say(session, context, text)
 

@@ -347,6 +347,7 @@ class DeepgramTTSEmulator(WebsocketEmulator):
                     continue
                 if job.flushed:
                     await state.send(json.dumps({"type": "Flushed", "sequence_id": job.sequence_id}))
+                    state.record.finished += 1
                     continue
                 session.speaking = job.sequence_id
                 try:

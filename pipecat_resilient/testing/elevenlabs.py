@@ -201,6 +201,7 @@ class ElevenLabsEmulator(WebsocketEmulator):
             text = await context.jobs.get()
             if text is None:
                 await state.send(json.dumps({"isFinal": True, "contextId": context_id}))
+                state.record.finished += 1
                 return
             chars = text
             if session.auto_mode and context.spoken and not text[:1].isspace():
