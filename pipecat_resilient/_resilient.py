@@ -678,10 +678,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         t = now()
         if t - self._health_checked_at < HEALTH_POLL_S:
             return
-        self._health_checked_at = t
         live = self._live
         if live is None or live.state is not HostedState.LIVE or not self._idle():
-            return
+            return  # looked at again at the first tick that is a boundary
+        self._health_checked_at = t
         current = live.provider
         if await self._health_of(current) is Health.OPEN:
             # Another processor (another bot of the fleet) found it down.
@@ -840,6 +840,11 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         chain = len(self._host.names) > 1
         # Providers of the chain out of this recovery (failed for good).
         excluded: set[int] = set()
+        # Providers tried since the last wait: the first attempt on a provider
+        # just switched to is made at once, but once the whole chain failed
+        # in turn, the policy's waits apply (no ping-pong through an outage
+        # of every provider, spending the attempts in a second).
+        tried = {self._chain_at}
         switched = False
         try:
             reason = episode.record(failure) if failure is not None else None
@@ -863,7 +868,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                     elif target != self._chain_at:
                         old, self._chain_at = self._chain_at, target
                         failed_here = 0
-                        switched = True
+                        switched = target not in tried
+                        tried.add(target)
                         last = episode.failures[-1].description if episode.failures else "down"
                         await self._switched(old, target, last)
                 if reason is not None:
@@ -876,6 +882,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                 if wait > 0 and not switched:
                     # (A provider of the chain just switched to is tried at once.)
                     await asyncio.sleep(wait)
+                    tried = {self._chain_at}
                 switched = False
                 episode.attempts += 1
                 hosted = self._take_standby(self._chain_at)

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from pipecat.frames.frames import TTSSpeakFrame
 
-from pipecat_resilient import BreakerPolicy, Health, LocalHealthStore, ReplayFailed, ResilientTTS, State
+from pipecat_resilient import (
+    BreakerPolicy,
+    Health,
+    LocalHealthStore,
+    ReplayFailed,
+    ResilientTTS,
+    RetryPolicy,
+    State,
+)
 from pipecat_resilient.testing import Fault, FaultPlan, Scenario
 from pipecat_resilient.testing.kits import tts_kit
 
@@ -211,3 +219,37 @@ def test_bad_fallback_configuration_is_refused_at_construction() -> None:
         "ElevenLabsTTSService",
         "ElevenLabsTTSService#2",
     ]
+
+
+async def test_every_provider_down_waits_out_the_outage_instead_of_spending_the_attempts() -> None:
+    """Both providers refuse for a while: after trying each once the policy's waits apply, so the
+    attempts last through the outage and the rest is said when one comes back (no ping-pong)."""
+    async with (
+        PRIMARY.emulator(FaultPlan(Fault.abort(after_audio_chunks=4))) as primary,
+        BACKUP.emulator() as backup,
+    ):
+        tts = ResilientTTS(
+            PRIMARY.factory(primary),
+            fallbacks=[BACKUP.factory(backup)],
+            health=LocalHealthStore(),
+            retry=RetryPolicy(attempts=12, wait_initial=0.05, wait_max=0.2, jitter=False, timeout=20.0),
+            first_audio_timeout=3 * UNIT,
+            stall_timeout=3 * UNIT,
+        )
+        run = Scenario(tts, spc=primary.samples_per_char(SAMPLE_RATE))
+        await run.start()
+        backup.outage("refuse", seconds=1.0)
+        primary.outage("refuse", seconds=1.0, drop_existing=False)
+        await run.send(TTSSpeakFrame(SENTENCE))
+        await run.wait_until(
+            lambda: (
+                bool(run.errors) or (len(run.heard) >= len(words(SENTENCE)) and run.listener.stopped >= 1)
+            ),
+            10.0,
+        )
+        await run.end()
+        assert run.errors == []
+        assert run.heard == words(SENTENCE)
+        assert run.context_words == words(SENTENCE)
+        refused = sum(len(o.met) for o in primary.outages) + sum(len(o.met) for o in backup.outages)
+        assert 2 <= refused < 12
