@@ -239,9 +239,9 @@ class AssemblyAIEmulator(WebsocketEmulator):
         """The endpoint to give the stock service (``ws://127.0.0.1:PORT/v3/ws``)."""
         return f"{self.url}{PATH}"
 
-    def samples_per_char(self, sample_rate: int = 16000) -> int:
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
         """Samples per character at ``sample_rate`` (what the caller encodes with)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
+        return samples_per_char(sample_rate or 16000, self.ms_per_char)
 
     # -- what happened, for tests ------------------------------------------
 

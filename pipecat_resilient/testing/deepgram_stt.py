@@ -568,9 +568,9 @@ class DeepgramSTTEmulator(WebsocketEmulator):
         self._sessions: dict[int, _Listen] = {}
         self._changed = asyncio.Condition()
 
-    def samples_per_char(self, sample_rate: int = 16000) -> int:
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
         """Samples per character at ``sample_rate`` (what the caller encodes with)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
+        return samples_per_char(sample_rate or 16000, self.ms_per_char)
 
     # -- what happened, for tests ------------------------------------------
 

@@ -660,9 +660,9 @@ class GeminiLiveEmulator(WebsocketEmulator):
             args["close_timeout"] = close_timeout
         return HttpOptions(base_url=self.base_url, async_client_args=args)
 
-    def samples_per_char(self, sample_rate: int = OUTPUT_SAMPLE_RATE) -> int:
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
         """Samples per character of the reply audio at ``sample_rate`` (what a decoder needs)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
+        return samples_per_char(sample_rate or OUTPUT_SAMPLE_RATE, self.ms_per_char)
 
     def expire_handles(self) -> None:
         """Forget every handle issued so far, so resuming with one is refused."""

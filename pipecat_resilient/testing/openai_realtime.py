@@ -495,9 +495,9 @@ class OpenAIRealtimeEmulator(WebsocketEmulator):
         """What to pass as the stock service's ``base_url=`` (``ws://127.0.0.1:PORT/v1/realtime``)."""
         return self.url + PATH
 
-    def samples_per_char(self, sample_rate: int = SAMPLE_RATE) -> int:
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
         """Samples per character of the reply audio at ``sample_rate`` (what a decoder needs)."""
-        return samples_per_char(sample_rate, self.ms_per_char)
+        return samples_per_char(sample_rate or SAMPLE_RATE, self.ms_per_char)
 
     # -- what happened, for tests -------------------------------------------
 
