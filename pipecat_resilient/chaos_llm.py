@@ -135,10 +135,15 @@ def make_schedule(config: LLMChaosConfig) -> list[LLMTurn]:
     faulted = set(rng.sample(range(config.turns), config.faults))
     turns = []
     used: set[str] = set()
+    asked: set[str] = set()
     for index in range(config.turns):
         topic = rng.choice([word for word in _WORDS if word not in used] or _WORDS)
         used.add(topic)
         question = rng.choice(_QUESTIONS).format(topic)
+        while question in asked:
+            # Every question once: the emulated model answers a question by its text.
+            question = rng.choice(_QUESTIONS).format(f"{rng.choice(_WORDS)} {topic}")
+        asked.add(question)
         sentences = [
             " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 9))).capitalize() + "."
             for _ in range(rng.randint(2, 3))

@@ -44,3 +44,12 @@ def test_the_schedule_is_seeded_and_checked() -> None:
         LLMChaosConfig(provider="openai-realtime", transcript="bundled")
     with pytest.raises(SystemExit):
         main(["--provider", "nope"])
+
+
+def test_every_question_of_a_long_schedule_is_asked_once() -> None:
+    """The emulated model answers a question by its text: a question asked twice in a schedule would
+    get the later answer both times (and the bench would blame the processor)."""
+    from pipecat_resilient.chaos_llm import LLMChaosConfig, make_schedule
+
+    schedule = make_schedule(LLMChaosConfig(turns=300, faults=100))
+    assert len({turn.question for turn in schedule}) == 300
