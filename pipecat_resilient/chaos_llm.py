@@ -372,11 +372,16 @@ def _openai_realtime(config: LLMChaosConfig, script: dict[str, str]) -> tuple[An
 
 
 async def run_llm_chaos(config: LLMChaosConfig) -> LLMChaosReport:
-    """Run both sides at once under ``config``'s schedule."""
+    """Run both sides under ``config``'s schedule, one after the other.
+
+    Not at once: a stock session that died answers every frame of the
+    caller's audio with an error (over a thousand in a long run), and in the
+    same event loop that flood delays the other side's transcripts past its
+    continuation hold, which no bot of its own would see.
+    """
     schedule = make_schedule(config)
-    stock, resilient = await asyncio.gather(
-        _side(config, schedule, resilient=False), _side(config, schedule, resilient=True)
-    )
+    resilient = await _side(config, schedule, resilient=True)
+    stock = await _side(config, schedule, resilient=False)
     return LLMChaosReport(config, schedule, stock, resilient)
 
 
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pipecat-resilient chaos --side llm",
         description="A seeded schedule of session faults through a stock speech-to-speech service and "
-        "ResilientLLM at once, on embedded emulators.",
+        "ResilientLLM, one after the other, on embedded emulators.",
     )
     parser.add_argument("--provider", choices=PROVIDERS, default="gemini-live")
     parser.add_argument("--seed", type=int, default=2026)
