@@ -434,7 +434,10 @@ class AudioJournal:
             held_back_s: Seconds of the audio counted as sent that the service
                 still holds back (it sends in chunks of its own).
         """
-        if self.state is not State.LIVE:
+        if self.state is not State.LIVE or self._finalize_at is not None:
+            # One request at a time: with one still unanswered (a replay sends
+            # the Finalize of each VAD stop it carries at once), the next
+            # acknowledgement is that one's, not this one's.
             return
         self._finalize_at = max(0.0, self._connection.position - held_back_s)
         self._finalize_since = now

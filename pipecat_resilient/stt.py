@@ -526,13 +526,16 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
 
         def request_observed() -> None:
             request()
-            if hosted is self._live:
+            if self._speaks(hosted):
                 journal.finalize_requested(now=now(), held_back_s=adapter.held_back_s(service))
 
         def confirm_observed() -> None:
             pending = bool(getattr(service, "_finalize_requested", False))
             confirm()
-            if pending and hosted is self._live:
+            # Not from a connection already given up on (a provider error
+            # message, say): its transcripts are dropped, so its
+            # acknowledgement finalizes nothing.
+            if pending and self._speaks(hosted):
                 journal.finalize_confirmed()
 
         service.request_finalize = request_observed

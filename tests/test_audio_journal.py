@@ -363,3 +363,15 @@ def test_misuse_is_an_invalid_state() -> None:
         j.stream_started()
     with pytest.raises(InvalidState):
         j.revived()
+
+
+def test_an_acknowledgement_covers_the_oldest_finalize_request_in_flight() -> None:
+    """A replay sends the Finalize of each VAD stop it carries at once: the first answer is the first's
+    (it must not count the audio up to the second request as final)."""
+    j = journal(replay_margin_s=0.0)
+    speak(j, 50)
+    j.finalize_requested(now=1.0)
+    speak(j, 50)
+    j.finalize_requested(now=1.0)  # the first is not answered yet
+    j.finalize_confirmed()
+    assert j.heard_until == pytest.approx(1.0)
