@@ -1227,15 +1227,20 @@ def main(argv: list[str] | None = None) -> int:
         0 when the resilient side lost, repeated and misreported nothing, 1
         when it did. A usage error exits 2 (``SystemExit``, from argparse)
         before anything runs. ``--side llm`` runs the speech-to-speech bench
-        instead (:func:`pipecat_resilient.chaos_llm.main`).
+        instead (:func:`pipecat_resilient.chaos_llm.main`), ``--side stt`` the
+        speech-to-text one (:func:`pipecat_resilient.chaos_stt.main`).
     """
     side = argparse.ArgumentParser(prog="pipecat-resilient chaos", add_help=False)
-    side.add_argument("--side", choices=("tts", "llm"), default="tts")
+    side.add_argument("--side", choices=("tts", "llm", "stt"), default="tts")
     known, rest = side.parse_known_args(argv)
     if known.side == "llm":
         from pipecat_resilient.chaos_llm import main as llm_main
 
         return llm_main(rest)
+    if known.side == "stt":
+        from pipecat_resilient.chaos_stt import main as stt_main
+
+        return stt_main(rest)
     config, args = parse_config(argv)
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if args.verbose else "CRITICAL")
@@ -1268,10 +1273,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ChaosConfig, argparse.N
     )
     parser.add_argument(
         "--side",
-        choices=("tts", "llm"),
+        choices=("tts", "llm", "stt"),
         default="tts",
-        help="tts (default): a TTS service; llm: a speech-to-speech session "
-        "(`--side llm --help` for its options)",
+        help="tts (default): a TTS service; llm: a speech-to-speech session; stt: a speech-to-text "
+        "service (`--side llm --help`, `--side stt --help` for their options)",
     )
     parser.add_argument(
         "--provider",
