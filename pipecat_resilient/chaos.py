@@ -47,10 +47,10 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 from pipecat.frames.frames import (
@@ -84,6 +84,9 @@ __all__ = [
     "parse_config",
     "run_chaos",
 ]
+
+# What a run given a progress callback returns.
+R = TypeVar("R")
 
 SAMPLE_RATE = 24000
 
@@ -1384,19 +1387,39 @@ def _positive_number(text: str) -> float:
     return value
 
 
-def _fault_kinds(text: str) -> tuple[str, ...]:
-    """An argparse type: a comma list of :data:`ALL_FAULT_KINDS` (empty items are skipped)."""
-    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
-    unknown = [kind for kind in kinds if kind not in ALL_FAULT_KINDS]
-    if unknown:
-        plural = "s" if len(unknown) > 1 else ""
-        raise argparse.ArgumentTypeError(
-            f"unknown fault kind{plural}: {', '.join(unknown)} (choose from {', '.join(ALL_FAULT_KINDS)})"
-        )
-    return kinds
+def _kinds_type(known: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma list of ``known`` fault kinds (empty items are skipped)."""
+
+    def convert(text: str) -> tuple[str, ...]:
+        kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
+        unknown = [kind for kind in kinds if kind not in known]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise argparse.ArgumentTypeError(
+                f"unknown fault kind{plural}: {', '.join(unknown)} (choose from {', '.join(known)})"
+            )
+        return kinds
+
+    return convert
+
+
+_fault_kinds = _kinds_type(ALL_FAULT_KINDS)
 
 
 async def _with_progress(config: ChaosConfig, *, enabled: bool) -> ChaosReport:
+    return await _progress_run(
+        lambda progress: run_chaos(config, progress=progress),
+        total=2 * config.turns,
+        desc="chaos",
+        enabled=enabled,
+    )
+
+
+async def _progress_run(
+    run: Callable[[Callable[[int], None] | None], Awaitable[R]], *, total: int, desc: str, enabled: bool
+) -> R:
+    """Await ``run(progress)`` with a progress bar of ``total`` steps on stderr (when ``enabled`` and
+    tqdm is installed; ``progress`` is None otherwise)."""
     bar: Any = None
     if enabled:
         try:
@@ -1404,9 +1427,9 @@ async def _with_progress(config: ChaosConfig, *, enabled: bool) -> ChaosReport:
         except ImportError:
             logger.warning("tqdm is not installed: no progress bar (pip install 'pipecat-resilient[chaos]')")
         else:
-            bar = tqdm(total=2 * config.turns, unit="turn", desc="chaos", file=sys.stderr)
+            bar = tqdm(total=total, unit="turn", desc=desc, file=sys.stderr)
     try:
-        return await run_chaos(config, progress=bar.update if bar is not None else None)
+        return await run(bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()

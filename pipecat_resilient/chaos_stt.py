@@ -52,7 +52,16 @@ from loguru import logger
 from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.processors.frame_processor import FrameProcessor
 
-from pipecat_resilient.chaos import _WORDS, _count, _fmt, _OutageTrigger, _percentiles, _positive_number
+from pipecat_resilient.chaos import (
+    _WORDS,
+    _count,
+    _fmt,
+    _kinds_type,
+    _OutageTrigger,
+    _percentiles,
+    _positive_number,
+    _progress_run,
+)
 from pipecat_resilient.policy import RetryPolicy
 from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator
 from pipecat_resilient.testing.assemblyai import AssemblyAIEmulator
@@ -911,17 +920,6 @@ def write_report(report: STTChaosReport, out: Path) -> Path:
 # -- the command line ---------------------------------------------------------
 
 
-def _fault_kinds(text: str) -> tuple[str, ...]:
-    """An argparse type: a comma list of :data:`ALL_FAULT_KINDS` (empty items are skipped)."""
-    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
-    unknown = [kind for kind in kinds if kind not in ALL_FAULT_KINDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault kind: {', '.join(unknown)} (choose from {', '.join(ALL_FAULT_KINDS)})"
-        )
-    return kinds
-
-
 def parse_config(argv: list[str] | None = None) -> tuple[STTChaosConfig, argparse.Namespace]:
     """The STT bench's command line, checked.
 
@@ -952,7 +950,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[STTChaosConfig, argpars
     )
     parser.add_argument(
         "--mix",
-        type=_fault_kinds,
+        type=_kinds_type(ALL_FAULT_KINDS),
         default=None,
         help=f"comma list of fault kinds (default: all of {','.join(ALL_FAULT_KINDS)})",
     )
@@ -1009,19 +1007,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[STTChaosConfig, argpars
 
 
 async def _with_progress(config: STTChaosConfig, *, enabled: bool) -> STTChaosReport:
-    bar: Any = None
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            logger.warning("tqdm is not installed: no progress bar (pip install 'pipecat-resilient[chaos]')")
-        else:
-            bar = tqdm(total=2 * config.turns, unit="turn", desc="chaos stt", file=sys.stderr)
-    try:
-        return await run_stt_chaos(config, progress=bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    return await _progress_run(
+        lambda progress: run_stt_chaos(config, progress=progress),
+        total=2 * config.turns,
+        desc="chaos stt",
+        enabled=enabled,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
