@@ -214,7 +214,6 @@ class Host(Generic[S]):
                     f"{expected.__name__}, got {type(candidate).__name__}"
                 )
         self._owner = owner
-        self._factory = factory
         self.factories: list[Callable[[], S]] = [factory, *fallbacks]
         self._expected = expected
         self._downstream = downstream
@@ -303,7 +302,7 @@ class Host(Generic[S]):
             return
         self._replenishing = True
         try:
-            service = await asyncio.to_thread(self._factory)
+            service = await asyncio.to_thread(self.factories[0])
             if self._spare is None:
                 self._spare = self._checked(service)
         except Exception as exc:
