@@ -655,6 +655,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _switched(self, old: int, new: int, reason: str) -> None:
         """Say the processor moved from provider ``old`` to ``new``."""
         names = self._host.names
+        if new > old:
+            # Just left a preferred provider: not taken back on its word alone
+            # (its breaker may not have opened yet) before the interval.
+            self._switch_back_tried_at = now()
         logger.warning(f"{self}: switching from {names[old]} to {names[new]} ({reason})")
         await self._call_event_handler("on_provider_switched", names[old], names[new], reason)
 
