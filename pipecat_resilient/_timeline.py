@@ -51,6 +51,9 @@ _CHUNK_CHARS = 512
 # Characters that do not count when a timed word is matched to the text.
 _NOT_WORD = re.compile(r"[^\w]+")
 
+# A whitespace-delimited token.
+_TOKEN = re.compile(r"\S+")
+
 # Silence: a window of audio whose samples all stay within this amplitude
 # (16-bit; about -66 dBFS: the digital silence TTS providers put between
 # sentences), in windows of this many seconds.
@@ -65,15 +68,17 @@ def silent_seconds(audio: bytes, sample_rate: int, channels: int = 1) -> float:
     makes an estimate of what was heard smaller, which is the safe side. A
     piece's tail shorter than a window is not judged (a pause lasts longer).
     """
-    samples = np.frombuffer(audio, dtype=np.int16, count=len(audio) // 2)
-    if not len(samples) or sample_rate <= 0:
+    if sample_rate <= 0:
         return 0.0
     per_second = sample_rate * max(1, channels)
     window = max(1, int(per_second * SILENCE_WINDOW_S))
-    whole = len(samples) // window * window
+    whole = len(audio) // 2 // window * window
     if not whole:
         return 0.0
-    peaks = np.abs(samples[:whole].reshape(-1, window).astype(np.int32)).max(axis=1)
+    samples = np.frombuffer(audio, dtype=np.int16, count=whole).reshape(-1, window)
+    # The absolute value of -32768 stays -32768 in 16 bits; read as unsigned
+    # it is 32768, loud, as it should be (and no wider copy is made).
+    peaks = np.abs(samples).view(np.uint16).max(axis=1)
     return int(np.count_nonzero(peaks <= SILENCE_PEAK)) * window / per_second
 
 
@@ -121,12 +126,17 @@ class Text:
 
     def slice(self, start: int, end: int) -> str:
         """``str(self)[start:end]`` for ``0 <= start``, without joining the whole."""
+        if self._joined is not None:
+            return self._joined[start:end]
         end = min(end, self._length)
         if start >= end:
             return ""
-        if self._joined is not None:
-            return self._joined[start:end]
         index = bisect.bisect_right(self._starts, start) - 1
+        offset = self._starts[index]
+        part = self._parts[index]
+        if end - offset <= len(part):
+            # Within one chunk (nearly always: slices are a few words long).
+            return part[start - offset : end - offset]
         pieces: list[str] = []
         while index < len(self._parts) and self._starts[index] < end:
             part, offset = self._parts[index], self._starts[index]
@@ -205,27 +215,79 @@ class Text:
         Returns:
             Where it starts, or None when it is not within the match window.
         """
-        end = self._length if end is None else min(end, self._length)
-        limit = min(end, self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word))
-        window = self.slice(start, limit)
+        found = self.find_token(word, start, end)
+        return None if found is None else found[0]
 
-        def whole(begin: int, length: int) -> bool:
-            after = begin + length
-            return (begin == 0 or self._boundary(begin - 1)) and (after >= end or self._boundary(after))
+    def find_token(self, word: str, start: int, end: int | None = None) -> tuple[int, int] | None:
+        """:meth:`find_word`, with the end of the token found: ``(start, end)`` or None.
+
+        Reads one window of the text (the match window, a character either
+        side for the word boundaries, and the token's rest), not a slice per
+        check: it runs for every word a provider times.
+        """
+        end = self._length if end is None else min(end, self._length)
+        low = max(0, start - 1)
+        reach = start + 2 * MATCH_WINDOW_CHARS + len(word) + 1
+        chunk = self.slice(low, reach)
+        offset = start - low
+        lead = len(chunk) - offset - len(chunk[offset:].lstrip())
+        if lead > MATCH_WINDOW_CHARS:
+            return self._find_token_slowly(word, start, end)
+        limit = min(end, start + lead + MATCH_WINDOW_CHARS + len(word))
+        window = chunk[offset : limit - low]
+        length = self._length
+
+        def spaced(position: int) -> bool:
+            # A boundary: either end of the text, or whitespace (inside the chunk).
+            return position <= 0 or position >= length or chunk[position - low].isspace()
+
+        def whole(begin: int, size: int) -> bool:
+            after = begin + size
+            return (begin == 0 or spaced(begin - 1)) and (after >= end or spaced(after))
+
+        def token(begin: int) -> tuple[int, int]:
+            match = _TOKEN.match(chunk, begin - low)
+            stop = low + (match.end() if match else begin - low)
+            if stop >= low + len(chunk) and stop < length:
+                stop = self._word_end_from(begin)  # a token longer than the chunk holds
+            return begin, stop
 
         position = window.find(word)
         while position >= 0:
             if whole(start + position, len(word)):
-                return start + position
+                return token(start + position)
             position = window.find(word, position + 1)
         wanted = _NOT_WORD.sub("", word).casefold()
         if not wanted:
             return None
-        for match in re.finditer(r"\S+", window):
+        for match in _TOKEN.finditer(window):
             begin = start + match.start()
-            token = match.group(0)
-            if whole(begin, len(token)) and _NOT_WORD.sub("", token).casefold() == wanted:
-                return begin
+            text = match.group(0)
+            if whole(begin, len(text)) and _NOT_WORD.sub("", text).casefold() == wanted:
+                return token(begin)
+        return None
+
+    def _find_token_slowly(self, word: str, start: int, end: int) -> tuple[int, int] | None:
+        """:meth:`find_token` past more whitespace than a window holds (a slice per check)."""
+        limit = min(end, self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word))
+        window = self.slice(start, limit)
+
+        def whole(begin: int, size: int) -> bool:
+            after = begin + size
+            return (begin == 0 or self._boundary(begin - 1)) and (after >= end or self._boundary(after))
+
+        wanted = _NOT_WORD.sub("", word).casefold()
+        position = window.find(word)
+        while position >= 0:
+            if whole(start + position, len(word)):
+                return start + position, self._word_end_from(start + position)
+            position = window.find(word, position + 1)
+        if not wanted:
+            return None
+        for match in _TOKEN.finditer(window):
+            begin = start + match.start()
+            if whole(begin, len(match.group(0))) and _NOT_WORD.sub("", match.group(0)).casefold() == wanted:
+                return begin, self._word_end_from(begin)
         return None
 
     def token_length(self, position: int) -> int:
@@ -390,25 +452,33 @@ class Timeline:
         items = list(words)
         matched = 0
         for index, (word, start, end) in enumerate(items):
-            position = self.text.find_word(word, self.match_pos, self.handed_end)
-            partial = last_partial and index == len(items) - 1
-            if position is None and partial:
+            if last_partial and index == len(items) - 1:
+                # A word still arriving: the beginning of the next word (looked
+                # for first: the same letters as a whole word further on are
+                # not it). Only the characters that arrived are anchored; the
+                # word is whole (and heard) once its anchor reaches its end.
                 position = self._prefix_at(word)
-            if position is None:
-                continue
-            matched += 1
-            self.timed = True
-            self._anchor(position, start, rate)
-            if partial:
-                # Only the characters that arrived are anchored; the word is
-                # whole (and heard) once its anchor reaches its end.
+                if position is None:
+                    found = self.text.find_token(word, self.match_pos, self.handed_end)
+                    if found is None:
+                        continue
+                    position = found[0]
+                matched += 1
+                self.timed = True
+                self._anchor(position, start, rate)
                 if end is not None:
                     self._anchor(position + len(word), end, rate)
                 continue
-            length = self.text.token_length(position)
+            found = self.text.find_token(word, self.match_pos, self.handed_end)
+            if found is None:
+                continue
+            position, token_end = found
+            matched += 1
+            self.timed = True
+            self._anchor(position, start, rate)
             if end is not None:
-                self._anchor(position + length, end, rate)
-            self.match_pos = position + length
+                self._anchor(token_end, end, rate)
+            self.match_pos = token_end
         self._advance()
         return matched
 

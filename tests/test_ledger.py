@@ -185,6 +185,9 @@ def test_silent_seconds_counts_whole_quiet_windows() -> None:
     # An odd trailing byte, and a tail shorter than a window, are not judged.
     assert silent_seconds(quiet[:101], rate) == 0.0
     assert silent_seconds(quiet[:641], rate) == pytest.approx(0.02)
+    # Full scale negative is the loudest sample there is (its absolute value
+    # does not fit in 16 bits).
+    assert silent_seconds(array.array("h", [-32768, 0] * 800).tobytes(), rate) == 0.0
 
 
 def test_unrecognised_words_do_not_move_the_cursor() -> None:
@@ -576,3 +579,19 @@ def test_memory_follows_what_is_in_flight() -> None:
     assert ledger.in_flight == 0
     assert ledger._contexts == {}
     assert ledger._journal.by_frame == {}
+
+
+def test_a_word_still_arriving_is_the_next_word_not_the_same_letters_further_on() -> None:
+    """A provider's partial word ("the" of "then") anchors the next word, not a later whole "the"."""
+    from pipecat_resilient._timeline import SpeakingRate, Text, Timeline
+
+    text = "then the end"
+    timeline, rate = Timeline(Text(text), 0), SpeakingRate()
+    timeline.handed(3, text)
+    timeline.audio(0.3)
+    timeline.timed_words([("the", 0.0, 0.3)], rate, last_partial=True)
+    # Its audio so far covers three letters of "then": no whole word is heard.
+    assert timeline.voiced_end(rate, margin=0.0) == 0
+    timeline.audio(0.1)
+    timeline.timed_words([("then", 0.0, 0.4), ("th", 0.45, 0.5)], rate, last_partial=True)
+    assert text[: timeline.voiced_end(rate, margin=0.0)] == "then"
