@@ -30,6 +30,7 @@ from pipecat.processors.frame_processor import (
     FrameProcessor,
     FrameProcessorSetup,
 )
+from pipecat.utils.errors import ErrorCategory
 from websockets.protocol import State as SocketState
 
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception
@@ -72,6 +73,45 @@ class Port(FrameProcessor):
     ) -> None:
         """Hand the frame over at once."""
         await self._receive(frame)
+
+
+# The private method every FrameProcessor pushes through (name-mangled).
+_INTERNAL_PUSH = "_FrameProcessor__internal_push_frame"
+
+
+def _push_straight(
+    service: FrameProcessor,
+    downstream: Callable[[Frame], Awaitable[None]],
+    upstream: Callable[[Frame], Awaitable[None]],
+) -> None:
+    """Make the instance's pushes reach the shell in one call: no extra hop per frame.
+
+    A stock ``push_frame`` does the service's own work, then hands the frame
+    to its neighbour through ``FrameProcessor``'s internal push, which reads
+    the clock, formats a trace line (the frame and both processors as text,
+    even with tracing off) and notifies observers. A hosted instance has no
+    observers (the shell's push is the one observed) and its neighbours are
+    the shell's ports, so its internal push is replaced by a direct call to
+    the port's callback, on this instance only. The ports stay linked, for
+    code that looks at the instance's neighbours. Skipped, harmlessly, if
+    Pipecat no longer has that method.
+    """
+    if not callable(getattr(FrameProcessor, _INTERNAL_PUSH, None)):
+        return
+
+    async def push(frame: Frame, direction: FrameDirection) -> None:
+        try:
+            if direction == FrameDirection.DOWNSTREAM:
+                await downstream(frame)
+            else:
+                await upstream(frame)
+        except Exception as exc:
+            # What the stock internal push does with a failing neighbour.
+            await service.push_error(
+                error_msg=f"Uncaught exception: {exc}", exception=exc, category=ErrorCategory.UNKNOWN
+            )
+
+    setattr(service, _INTERNAL_PUSH, push)
 
 
 class HostedState(Enum):
@@ -337,6 +377,7 @@ class Host(Generic[S]):
         hosted.outlet = Port(partial(self._downstream, hosted), name=f"{name}::outlet")
         hosted.inlet.link(service)
         service.link(hosted.outlet)
+        _push_straight(service, partial(self._downstream, hosted), partial(self._upstream, hosted))
         self._prepare(hosted)
         self.all.append(hosted)
         return hosted
