@@ -55,7 +55,10 @@ class ElevenLabsAdapter(TTSAdapter):
         clocks: dict[str, _Clock] = {}
 
         async def on_message(raw: str | bytes) -> None:
-            if not isinstance(raw, str) or not any(key in raw for key in _KEYS):
+            if not isinstance(raw, str):
+                return
+            raw = _without_audio(raw)
+            if not any(key in raw for key in _KEYS):
                 return
             message = json.loads(raw)
             context_id = message.get("contextId") or message.get("context_id")
@@ -79,6 +82,39 @@ class ElevenLabsAdapter(TTSAdapter):
                 await sink.words_timed(context_id, words + partial, last_partial=bool(clock.word))
 
         tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
+
+
+_SPACE = " \t\n\r"
+
+
+def _without_audio(raw: str) -> str:
+    """The message with its base64 audio left out (an empty string in its place).
+
+    The stock service decodes every message whole anyway; decoding the audio
+    a second time here (and scanning it for keys) would double the JSON cost
+    of every message, which grows with its audio. Base64 has no quotes or
+    backslashes, so the audio string ends at the next quote; a key inside a
+    JSON string would have its quotes escaped, so ``"audio"`` found is a key.
+    A message not shaped as expected is returned as it is.
+    """
+    at = raw.find('"audio"')
+    if at < 0:
+        return raw
+    at += len('"audio"')
+    length = len(raw)
+    while at < length and raw[at] in _SPACE:
+        at += 1
+    if at >= length or raw[at] != ":":
+        return raw
+    at += 1
+    while at < length and raw[at] in _SPACE:
+        at += 1
+    if at >= length or raw[at] != '"':
+        return raw  # null, or not a string
+    end = raw.find('"', at + 1)
+    if end < 0:
+        return raw
+    return raw[: at + 1] + raw[end:]
 
 
 def _prefers_normalized(service: Any) -> bool:
