@@ -596,10 +596,13 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         if not text.strip():
             return
         append = getattr(utterance.source, "append_to_context", True) is not False
+        # Where the stock service sends its frames (a multi-output transport).
+        destination = getattr(self._reference, "_transport_destination", None)
         for word in text.split():
             frame = TTSTextFrame(word, text_type=TextType.WORD)
             frame.context_id = utterance.downstream_context
             frame.append_to_context = append
+            frame.transport_destination = destination
             await self.push_frame(frame)
 
     async def _words_timed(

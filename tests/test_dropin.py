@@ -20,10 +20,15 @@ from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
+    Frame,
     LLMServiceMetadataFrame,
     LLMUpdateSettingsFrame,
     ManuallySwitchServiceFrame,
+    TTSAudioRawFrame,
     TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
     TTSUpdateSettingsFrame,
 )
 from pipecat.metrics.metrics import LLMUsageMetricsData, TTFBMetricsData, TTSUsageMetricsData
@@ -31,7 +36,7 @@ from pipecat.observers.loggers.llm_log_observer import LLMLogObserver
 from pipecat.pipeline.llm_switcher import LLMSwitcher
 from pipecat.pipeline.service_switcher import ServiceSwitcher
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.frame_processor import FrameProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from pipecat.services.llm_service import FunctionCallParams, LLMService
 from pipecat.services.openai.llm import OpenAILLMService
@@ -82,12 +87,15 @@ def make_llm(kind: str, emulator: OpenAIEmulator, **kwargs: Any) -> LLMService:
     return ResilientLLM(factory, retry=NO_WAIT, first_token_timeout=5 * UNIT, stall_timeout=5 * UNIT)
 
 
-def make_tts(kind: str, emulator: ElevenLabsEmulator, voice: str = "voice-a") -> TTSService:
+def make_tts(kind: str, emulator: ElevenLabsEmulator, voice: str = "voice-a", **kwargs: Any) -> TTSService:
     """The TTS a bot would put in its pipeline: the stock service, or the wrapper around it."""
 
     def factory() -> ElevenLabsTTSService:
         return ElevenLabsTTSService(
-            api_key="test-key", url=emulator.url, settings=ElevenLabsTTSService.Settings(voice=voice)
+            api_key="test-key",
+            url=emulator.url,
+            settings=ElevenLabsTTSService.Settings(voice=voice),
+            **kwargs,
         )
 
     if kind == "stock":
@@ -391,6 +399,35 @@ async def test_tts_properties(kind: str) -> None:
             assert tts.chunk_size == SAMPLE_RATE  # half a second of 16-bit audio
             assert tts.settings.voice == "voice-a"
             assert tts.can_generate_metrics()
+
+
+class Recorder(FrameProcessor):
+    """Passes every frame on, keeping the downstream ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[Frame] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if direction is FrameDirection.DOWNSTREAM:
+            self.frames.append(frame)
+        await self.push_frame(frame, direction)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tts_frames_go_to_the_services_transport_destination(kind: str) -> None:
+    """With ``transport_destination=``, the audio, start, stop and word frames all carry it."""
+    async with ElevenLabsEmulator() as emulator:
+        tts = make_tts(kind, emulator, transport_destination="speaker-2")
+        recorder = Recorder()
+        async with Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE), after=[recorder]) as run:
+            await speak_all(run, TTSSpeakFrame("Two words."), utterances=1)
+        kinds = (TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame, TTSTextFrame)
+        spoken = [f for f in recorder.frames if isinstance(f, kinds)]
+        assert {type(f) for f in spoken} == set(kinds)
+        assert {f.transport_destination for f in spoken} == {"speaker-2"}
+        assert run.heard == ["Two", "words."]
 
 
 @pytest.mark.parametrize("kind", KINDS)
