@@ -11,6 +11,10 @@ reference.
 With ``--standby`` a fourth side runs ResilientTTS with a warm standby
 connected beside it (its keep-alive included in the CPU time).
 
+Then each side speaks once more under ``cProfile``, which counts the Python
+function calls per frame: a deterministic figure, where the CPU time of a
+shared machine moves by tens of percent from run to run.
+
     python benchmarks/overhead.py [--utterances 100] [--rounds 30] [--standby]
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
+import pstats
 
 from _common import Run, emulator_process, median, quiet, speak
 
@@ -50,6 +56,13 @@ async def main(utterances: int, rounds: int, standby: bool = False) -> None:
                 results[side].append(run)
             for side in ratios:
                 ratios[side].append(_per_frame(runs[side]) / _per_frame(runs["bare"]))
+        calls: dict[str, float] = {}
+        for side in SIDES:
+            profile = cProfile.Profile()
+            profile.enable()
+            run = await speak(side, url, utterances, ms_per_char=ms_per_char)
+            profile.disable()
+            calls[side] = pstats.Stats(profile).total_calls / run.frames  # type: ignore[attr-defined]
     print(f"{utterances} utterances x {rounds} rounds per side, emulator in its own process, no latency")
     print(f"{'':22}" + "".join(f"{side:>14}" for side in SIDES))
     for label, value in (
@@ -67,6 +80,10 @@ async def main(utterances: int, rounds: int, standby: bool = False) -> None:
             f"CPU per frame, {side} / bare: median within rounds {median(values):.3f} "
             f"(min {values[0]:.3f}, max {values[-1]:.3f}); fastest runs {best[side] / best['bare']:.3f}"
         )
+    print(
+        "Python function calls per frame: "
+        + ", ".join(f"{side} {calls[side]:.0f} ({calls[side] / calls['bare']:.3f})" for side in SIDES)
+    )
 
 
 if __name__ == "__main__":
