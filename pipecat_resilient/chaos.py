@@ -194,6 +194,9 @@ class ChaosConfig:
             none, as a stock Pipecat service has none.
         outage_seconds: Typical length of an outage: each lasts a seeded
             0.5 to 1.5 times this.
+        standby: Give the resilient side a warm standby (``standby=True``):
+            a connection's fault strikes whichever connection speaks, and the
+            replay goes to the standby at once.
     """
 
     seed: int = 1
@@ -210,6 +213,7 @@ class ChaosConfig:
     provider: str = "elevenlabs"
     fallback: str | None = None
     outage_seconds: float = 2.0
+    standby: bool = False
 
     def __post_init__(self) -> None:
         tts_kit(self.provider)  # raises ValueError for an unknown one
@@ -311,35 +315,54 @@ class _OutageTrigger:
         self.emulator.outage(mode, seconds=seconds, drop_existing=True)  # type: ignore[arg-type]
 
 
-def _arm(emulator: WebsocketEmulator, plan: TurnPlan, trigger: _OutageTrigger | None = None) -> None:
-    """Arm the turn's fault on the emulator's current connection."""
+def _arm(
+    emulator: WebsocketEmulator,
+    plan: TurnPlan,
+    trigger: _OutageTrigger | None = None,
+    *,
+    standby: bool = False,
+) -> None:
+    """Arm the turn's fault on the emulator's connection in use.
+
+    With a standby connected beside it, the fault is armed on every open
+    connection and carried out by the one that speaks; a replacement's drop
+    strikes the standby (the newest connection: the replacement there is).
+    """
     k = plan.fault_after_chunks
     kind = plan.fault
     if kind is None:
         return
+    on = "open" if standby else "current"
     if kind in OUTAGE_KINDS:
         assert trigger is not None and plan.outage_seconds is not None
         trigger.arm(kind.removeprefix("outage-"), plan.outage_seconds, k)
     elif kind.startswith("close-"):
         code = int(kind.split("-")[1])
-        emulator.arm(Fault.close(code, "invalid payload" if code == 1007 else "", after_audio_chunks=k))
+        emulator.arm(
+            Fault.close(code, "invalid payload" if code == 1007 else "", after_audio_chunks=k), on=on
+        )
     elif kind == "abort":
-        emulator.arm(Fault.abort(after_audio_chunks=k))
+        emulator.arm(Fault.abort(after_audio_chunks=k), on=on)
     elif kind == "stall":
-        emulator.arm(Fault.stall(after_audio_chunks=k))
+        emulator.arm(Fault.stall(after_audio_chunks=k), on=on)
     elif kind == "refuse-503":
-        emulator.arm(Fault.close(1012, after_audio_chunks=k))
+        emulator.arm(Fault.close(1012, after_audio_chunks=k), on=on)
         emulator.arm(Fault.refuse(503))
     elif kind == "refuse-429":
-        emulator.arm(Fault.close(1013, after_audio_chunks=k))
+        emulator.arm(Fault.close(1013, after_audio_chunks=k), on=on)
         emulator.arm(Fault.refuse(429, headers={"Retry-After": "0.2"}))
     elif kind == "error":
-        emulator.arm(Fault.error("internal server error", 500, after_audio_chunks=k))
+        emulator.arm(Fault.error("internal server error", 500, after_audio_chunks=k), on=on)
     elif kind == "slow-first-audio":
-        emulator.arm(Fault.delay_first_audio(0.5))
+        emulator.arm(Fault.delay_first_audio(0.5), on=on)
     elif kind == "replacement-drop":
-        emulator.arm(Fault.close(1011, after_audio_chunks=k))
-        emulator.arm(Fault.close(1012, after_audio_chunks=2), on="next")
+        if standby:
+            # The standby (the newest connection) is the replacement.
+            emulator.arm(Fault.close(1012, after_audio_chunks=2), on="current")
+            emulator.arm(Fault.close(1011, after_audio_chunks=k), on="open")
+        else:
+            emulator.arm(Fault.close(1011, after_audio_chunks=k))
+            emulator.arm(Fault.close(1012, after_audio_chunks=2), on="next")
 
 
 @dataclass
@@ -411,6 +434,9 @@ class SideReport:
     outage_handshakes: int = 0
     # Seconds spent before outage turns waiting for the side to take its preferred provider back.
     waited_for_primary: float = 0.0
+    # Recoveries that took over on a warm standby (--standby), and whether one was kept.
+    standby: bool = False
+    standbys_used: int = 0
     outages: list[dict[str, Any]] = field(default_factory=list)
     breaker_changes: list[tuple[float, str, str, str]] = field(default_factory=list)
     time_by_provider: dict[str, float] = field(default_factory=dict)
@@ -462,6 +488,8 @@ class SideReport:
             "probes": len(self.probes),
             "primary_handshakes_on_fallback": self.primary_handshakes_on_fallback,
             "waited_for_primary_s": round(self.waited_for_primary, 3),
+            "standby": self.standby,
+            "standbys_used": self.standbys_used,
             "outages_while_on_fallback": sum(1 for t in self.turns if t.outage_off_air),
             "run_s": round(self.run_seconds, 3),
             "time_on_fallback_s": round(self.time_on_fallback, 3),
@@ -697,6 +725,7 @@ async def _run_side(
                 fallbacks=makes[1:],
                 health=store,
                 retry=_retry_policy(config),
+                standby=config.standby,
                 first_audio_timeout=config.first_audio_timeout,
                 stall_timeout=config.stall_timeout,
                 # The emulated voice's rate, as a bot is told its voice's:
@@ -728,7 +757,15 @@ async def _run_side(
                 # the side the pause it needs to take it back first.
                 report.waited_for_primary += await _wait_for(lambda: in_use() == 0, PRIMARY_WAIT_S)
             report.turns.append(
-                await _run_turn(run, emulators, triggers, in_use(), plan, idle=_turn_idle(config, plan))
+                await _run_turn(
+                    run,
+                    emulators,
+                    triggers,
+                    in_use(),
+                    plan,
+                    idle=_turn_idle(config, plan),
+                    standby=resilient and config.standby,
+                )
             )
             if report.unusable_from is None and not tts.is_usable:
                 report.unusable_from = plan.index
@@ -743,6 +780,9 @@ async def _run_side(
             for emulator in emulators:
                 await emulator.stop()
         await run.end(timeout=60.0)
+        if resilient and config.standby:
+            report.standby = True
+            report.standbys_used = getattr(tts, "standbys_used", 0)
         _collect(report, run, emulators, store)
     return report
 
@@ -799,6 +839,7 @@ async def _run_turn(
     plan: TurnPlan,
     *,
     idle: float = 1.5,
+    standby: bool = False,
 ) -> TurnResult:
     """Run one turn; its fault strikes ``provider`` (the one in use), an outage always the preferred one.
 
@@ -821,7 +862,7 @@ async def _run_turn(
         emulators[0].outage(plan.fault.removeprefix("outage-"), seconds=plan.outage_seconds)  # type: ignore[arg-type]
     else:
         # A connection's fault strikes the provider in use (with a fallback, maybe not the preferred one).
-        _arm(emulators[provider], plan, triggers[provider])
+        _arm(emulators[provider], plan, triggers[provider], standby=standby)
     started = time.monotonic()
     await run.send(*plan.frames())
     interrupted = False
@@ -1085,6 +1126,8 @@ def format_table(report: ChaosReport) -> str:
     s, r = report.stock.summary(), report.resilient.summary()
     config = report.config
     chain = f"{config.provider} (fallback {config.fallback})" if config.fallback else config.provider
+    if config.standby:
+        chain += ", warm standby"
     lines = [
         f"chaos bench: {chain}, seed {report.config.seed}, {len(report.schedule)} turns, "
         f"{sum(1 for t in report.schedule if t.fault)} faults, "
@@ -1109,6 +1152,9 @@ def format_table(report: ChaosReport) -> str:
         _or_dash(s["unusable_from_turn"]),
         _or_dash(r["unusable_from_turn"]),
     )
+    if config.standby:
+        # A stock Pipecat service has no standby.
+        row("recoveries taken over by the standby", "-", r["standbys_used"])
     if config.outages:
         row("outages (provider down for a while)", s["outages"], r["outages"])
         row("handshakes met by an outage", s["outage_handshakes"], r["outage_handshakes"])
@@ -1297,6 +1343,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[ChaosConfig, argparse.N
         "has none (a stock service has no fallback)",
     )
     parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="give the resilient side a warm standby (standby=True): one more connection kept open, so "
+        "a recovery costs no handshake; a fault strikes whichever connection speaks",
+    )
+    parser.add_argument(
         "--outage-seconds",
         type=_positive_number,
         default=2.0,
@@ -1353,6 +1405,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[ChaosConfig, argparse.N
             provider=args.provider,
             fallback=args.fallback,
             outage_seconds=args.outage_seconds,
+            standby=args.standby,
         )
     except ValueError as exc:
         if args.fallback is not None and args.fallback == args.provider:

@@ -118,3 +118,26 @@ async def _passes(config: ChaosConfig, tmp_path) -> None:
     fired = {t.fault for t in resilient.turns if t.fault_at is not None and t.recovered_at is not None}
     assert set(by_kind) == fired and fired
     assert sum(stats["n"] for stats in by_kind.values()) == data["resilient"]["recovery_s"]["n"]
+
+
+async def test_with_a_standby_recoveries_take_over_on_it(tmp_path) -> None:
+    """--standby: every fault kind, each struck on the connection that speaks; recoveries use the standby."""
+    config = ChaosConfig(
+        seed=5,
+        turns=len(FAULT_KINDS) + 2,
+        faults=len(FAULT_KINDS),
+        interruptions=0.0,
+        out=tmp_path,
+        standby=True,
+    )
+    await _passes(config, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    resilient = data["resilient"]
+    assert resilient["standby"] is True
+    # The faults struck the connection that spoke (not the idle standby), and the
+    # recoveries took over on the standby instead of connecting afresh (it is
+    # connected again as soon as the processor is live: a fault in the next turn
+    # finds one ready).
+    assert resilient["faults"] >= config.faults - 2  # a slowed first audio, and an error, may not fire
+    assert resilient["standbys_used"] >= resilient["faults"] - 1
+    assert "taken over by the standby" in format_table(await run_chaos(config, stock=False))
