@@ -1038,6 +1038,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         self._live = hosted
         self._restore_journal(hosted)
         units, chars = await self._feed_pending()
+        # Live again: a standby taken over (or missing) is replaced now, not at the next check.
+        self._standby_changed.set()
         await self._after_restore(hosted)
         downtime = now() - (self._lost_at or now())
         report = self._recovery_report(failure, episode.attempts, downtime, units, chars)
@@ -1153,6 +1155,8 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         falls behind a settings change or the chain moves; its own keep-alive keeps it open."""
         wait = 0.0
         while not self._ended:
+            # Cleared before looking, so a change while connecting is seen at once.
+            self._standby_changed.clear()
             standby = self._standby
             if standby is not None and not self._standby_usable(standby, self._chain_at):
                 logger.debug(f"{self}: the standby {standby} died or fell behind; replacing it")
@@ -1180,7 +1184,6 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
                     assert failure is not None
                     logger.debug(f"{self}: connecting a standby failed ({failure.description})")
                     wait = min(STANDBY_RETRY_MAX_S, max(STANDBY_RETRY_S, wait * 2))
-            self._standby_changed.clear()
             try:
                 await asyncio.wait_for(self._standby_changed.wait(), wait or STANDBY_CHECK_S)
             except TimeoutError:
