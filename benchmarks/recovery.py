@@ -13,8 +13,9 @@ recovery to time (its figure is the count of utterances it left unfinished).
 
 With ``--standby`` the processor keeps a warm standby connected
 (``ResilientTTS(standby=True)``): the replay goes to it with no handshake,
-so recovery is compared with the emulator's first-audio delay alone. Each
-fault waits for the standby to be back (a drop every few seconds at most).
+so recovery is compared with the emulator's own first audio on a connection
+already open (measured the same way, from the text sent to its first audio).
+Each fault waits for the standby to be back (a drop every few seconds at most).
 
     python benchmarks/recovery.py [--faults 60] [--first-audio-delay 0.1] [--standby]
 """
@@ -34,13 +35,19 @@ from pipecat_resilient import ResilientTTS
 from pipecat_resilient.testing import ElevenLabsEmulator, Fault, Scenario
 
 
-async def baseline(emulator: ElevenLabsEmulator, count: int) -> list[float]:
-    """The emulator's own connect + first-audio time, with a bare websocket client."""
+async def baseline(emulator: ElevenLabsEmulator, count: int, *, connected: bool = False) -> list[float]:
+    """The emulator's own connect + first-audio time, with a bare websocket client.
+
+    With ``connected``, the clock starts once the socket is open (what a warm
+    standby has already done): the time from the text to its first audio.
+    """
     path = "/v1/text-to-speech/v/multi-stream-input?model_id=m&output_format=pcm_24000&auto_mode=true"
     times = []
     for index in range(count):
         started = time.monotonic()
         async with connect(emulator.url + path, additional_headers={"xi-api-key": "k"}) as ws:
+            if connected:
+                started = time.monotonic()
             await ws.send(json.dumps({"text": " ", "context_id": f"c{index}"}))
             await ws.send(json.dumps({"text": SENTENCES[0], "context_id": f"c{index}"}))
             while "audio" not in json.loads(await ws.recv()):
@@ -57,7 +64,7 @@ async def main(faults: int, first_audio_delay: float, standby: bool = False) -> 
         Fault.abort(after_audio_chunks=4),
     ]
     async with ElevenLabsEmulator(ms_per_char=2.0, first_audio_delay=first_audio_delay) as emulator:
-        own = await baseline(emulator, 30)
+        own = await baseline(emulator, 30, connected=standby)
         tts = ResilientTTS(factory(emulator.url), standby=standby)
         run = Scenario(tts, spc=emulator.samples_per_char(24000))
         await run.start()
@@ -84,8 +91,6 @@ async def main(faults: int, first_audio_delay: float, standby: bool = False) -> 
             if after:
                 recoveries.append(min(after) - before.fault_at)
         used = tts.standbys_used
-    if standby:
-        own = [first_audio_delay] * len(own)
     ours = [r - median(own) for r in recoveries]
     print(
         f"{len(recoveries)} drops (close 1012, close 1011, abort), "
