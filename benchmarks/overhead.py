@@ -15,7 +15,7 @@ Then each side speaks once more under ``cProfile``, which counts the Python
 function calls per frame: a deterministic figure, where the CPU time of a
 shared machine moves by tens of percent from run to run.
 
-    python benchmarks/overhead.py [--utterances 100] [--rounds 30] [--standby]
+    python benchmarks/overhead.py [--utterances 100] [--rounds 30] [--standby] [--ms-per-char 1]
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ def _per_frame(run: Run) -> float:
     return run.cpu / run.frames
 
 
-async def main(utterances: int, rounds: int, standby: bool = False) -> None:
+async def main(utterances: int, rounds: int, standby: bool = False, ms_per_char: float = 1.0) -> None:
     quiet()
     global SIDES
     if standby:
         SIDES = ("bare", "resilient", "resilient+standby", "bare+hop")
-    ms_per_char = 1.0
     results: dict[str, list[Run]] = {side: [] for side in SIDES}
     ratios: dict[str, list[float]] = {side: [] for side in SIDES[1:]}
     async with emulator_process(ms_per_char=ms_per_char) as url:
@@ -63,7 +62,10 @@ async def main(utterances: int, rounds: int, standby: bool = False) -> None:
             run = await speak(side, url, utterances, ms_per_char=ms_per_char)
             profile.disable()
             calls[side] = pstats.Stats(profile).total_calls / run.frames  # type: ignore[attr-defined]
-    print(f"{utterances} utterances x {rounds} rounds per side, emulator in its own process, no latency")
+    print(
+        f"{utterances} utterances x {rounds} rounds per side, emulator in its own process, no latency, "
+        f"{ms_per_char:g} ms of audio per character"
+    )
     print(f"{'':22}" + "".join(f"{side:>14}" for side in SIDES))
     for label, value in (
         ("CPU per frame (us)", lambda r: r.cpu / r.frames * 1e6),
@@ -91,5 +93,12 @@ if __name__ == "__main__":
     parser.add_argument("--utterances", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--standby", action="store_true", help="add a side with a warm standby")
+    parser.add_argument(
+        "--ms-per-char",
+        type=float,
+        default=1.0,
+        help="audio per character (default 1: many tiny frames, the most per-frame work for the text; "
+        "a real voice is about 65)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.utterances, args.rounds, args.standby))
+    asyncio.run(main(args.utterances, args.rounds, args.standby, args.ms_per_char))
