@@ -30,7 +30,8 @@ import bisect
 import math
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -377,9 +378,10 @@ class Timeline:
     __slots__ = (
         "_ahead",
         "_gaps",
+        "_known",
+        "_known_s",
+        "_pieces",
         "_reached",
-        "_reached_silence",
-        "_silence_before",
         "_spaced_end",
         "audio_s",
         "base",
@@ -387,7 +389,6 @@ class Timeline:
         "handed_end",
         "handed_words",
         "match_pos",
-        "silence_s",
         "text",
         "timed",
     )
@@ -404,9 +405,12 @@ class Timeline:
         self.timed = False  # the provider reported word timings for it
         self._ahead: deque[tuple[int, float]] = deque()  # anchors the audio has not reached
         self._reached = (base, 0.0)  # the furthest anchor it has
-        self.silence_s = 0.0  # of audio_s, how much was silence
-        self._silence_before = 0.0  # silence before the last piece of audio
-        self._reached_silence = 0.0  # silence before the piece that reached the anchor
+        # The pieces of audio from the one the furthest anchor falls in (all of
+        # them, until an anchor is reached): [end, seconds, silence], the
+        # silence measured only when an estimate needs it.
+        self._pieces: deque[list[Any]] = deque()
+        self._known = 0  # of them, how many from the first have their silence in _known_s
+        self._known_s = 0.0
         self._spaced_end = True  # the text handed so far ended in whitespace
         self._gaps: set[int] = set()  # word ends whose following whitespace was never handed
 
@@ -428,12 +432,32 @@ class Timeline:
         self.handed_words += words
         self.handed_end = self.text.words_after(self.handed_end, words)
 
-    def audio(self, seconds: float, silence: float = 0.0) -> None:
-        """``seconds`` more audio of this context went downstream, ``silence`` of it silent."""
-        self._silence_before = self.silence_s
+    def audio(self, seconds: float, silence: float | Callable[[], float] = 0.0) -> None:
+        """``seconds`` more audio of this context went downstream.
+
+        Args:
+            seconds: How much.
+            silence: How much of it was silent, or a callable that measures
+                it (called only if an estimate past the last anchor needs it:
+                with word timings, rarely).
+        """
         self.audio_s += seconds
-        self.silence_s += min(max(silence, 0.0), seconds)
+        self._pieces.append([self.audio_s, seconds, silence])
         self._advance()
+
+    @property
+    def silence_s(self) -> float:
+        """Seconds of silence in the audio from the piece the furthest anchor falls in
+        (in all of this context's audio, if no anchor was reached)."""
+        pieces = self._pieces
+        for index in range(self._known, len(pieces)):
+            piece = pieces[index]
+            if callable(piece[2]):
+                piece[2] = piece[2]()  # measured once (and the audio let go)
+            piece[2] = min(max(piece[2], 0.0), piece[1])
+            self._known_s += piece[2]
+        self._known = len(pieces)
+        return max(0.0, self._known_s)
 
     def timed_words(
         self, words: Iterable[tuple[str, float, float | None]], rate: SpeakingRate, *, last_partial: bool
@@ -499,11 +523,19 @@ class Timeline:
 
     def _advance(self) -> None:
         ahead, audio = self._ahead, self.audio_s + _EPSILON_S
+        reached = None
         while ahead and ahead[0][1] <= audio:
-            self._reached = ahead.popleft()
-            # The silence of the piece of audio that reached it may lie after
-            # it: counting all of it as after only makes estimates smaller.
-            self._reached_silence = self._silence_before
+            reached = self._reached = ahead.popleft()
+        if reached is not None:
+            # Audio wholly before the anchor no longer counts. The silence of
+            # the piece it falls in may lie after it: counting all of it as
+            # after only makes estimates smaller.
+            pieces, time = self._pieces, reached[1]
+            while pieces and pieces[0][0] <= time:
+                piece = pieces.popleft()
+                if self._known:
+                    self._known -= 1
+                    self._known_s -= piece[2]
 
     # -- outputs -----------------------------------------------------------
 
@@ -519,11 +551,15 @@ class Timeline:
             return self.handed_end
         position, time = self._reached
         slow = rate.slow(margin=margin)
-        speech = self.audio_s - time - (self.silence_s - self._reached_silence)
-        if slow is not None and speech > 0:
-            if position in self._gaps:
-                position = self.text.next_word_start(position)
-            position += int(speech / slow + _EPSILON_S)
+        after = self.audio_s - time
+        # Silence only takes away from an estimate: it is measured only when
+        # the audio past the anchor could cover a character at all.
+        if slow is not None and after > 0 and int(after / slow + _EPSILON_S) > 0:
+            speech = after - self.silence_s
+            if speech > 0:
+                if position in self._gaps:
+                    position = self.text.next_word_start(position)
+                position += int(speech / slow + _EPSILON_S)
         position = min(position, self.handed_end)
         return self.text.word_end_at_or_before(position, self.base)
 

@@ -45,7 +45,7 @@ Time is passed in by the caller (``now``); the ledger never reads a clock.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -573,9 +573,17 @@ class Ledger:
                     self._liveness.due.setdefault(context_id, now)
 
     def audio_pushed(
-        self, context_id: str | None, seconds: float, *, now: float, silence: float = 0.0
+        self,
+        context_id: str | None,
+        seconds: float,
+        *,
+        now: float,
+        silence: float | Callable[[], float] = 0.0,
     ) -> Utterance | None:
         """``seconds`` of audio for ``context_id`` (``silence`` of it silent) went downstream.
+
+        ``silence`` may be a callable that measures it, called only if an
+        estimate of what was heard needs it.
 
         Counted whether the instance is live or being drained after a failure
         (what it had received is heard either way).

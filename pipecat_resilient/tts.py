@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from loguru import logger
@@ -537,7 +538,8 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         if isinstance(frame, TTSAudioRawFrame):
             channels = max(1, frame.num_channels)
             seconds = len(frame.audio) / (2 * frame.sample_rate * channels)
-            silence = silent_seconds(frame.audio, frame.sample_rate, channels)
+            # Measured only if an estimate needs it (with word timings, rarely).
+            silence = partial(silent_seconds, frame.audio, frame.sample_rate, channels)
             voiced = ledger.audio_pushed(context_id, seconds, now=now(), silence=silence)
             self._progress(hosted)
         elif isinstance(frame, TTSTextFrame):

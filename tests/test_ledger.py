@@ -595,3 +595,46 @@ def test_a_word_still_arriving_is_the_next_word_not_the_same_letters_further_on(
     timeline.audio(0.1)
     timeline.timed_words([("then", 0.0, 0.4), ("th", 0.45, 0.5)], rate, last_partial=True)
     assert text[: timeline.voiced_end(rate, margin=0.0)] == "then"
+
+
+def test_a_pause_before_a_late_timing_is_not_taken_for_speech() -> None:
+    """Timings that arrive after their audio (and after a pause): the pause covers no words."""
+    from pipecat_resilient._timeline import SpeakingRate, Text, Timeline
+
+    text = "one two three"
+    timeline, rate = Timeline(Text(text), 0), SpeakingRate()
+    rate.assume(10)  # 0.1 s a character
+    timeline.handed(3, text)
+    timeline.audio(0.3)  # "one" and its space
+    timeline.audio(0.5, silence=0.5)  # a pause
+    timeline.audio(0.05)  # the start of "two"
+    timeline.timed_words([("one", 0.0, 0.3)], rate, last_partial=False)
+    # 0.55 s of audio after "one", of which 0.5 s silent: "two" is not heard yet.
+    assert text[: timeline.voiced_end(rate, margin=0.0)] == "one"
+
+
+def test_silence_is_measured_only_when_an_estimate_needs_it() -> None:
+    """With timings covering the audio, the silence measurement (numpy on every frame) never runs."""
+    from pipecat_resilient._timeline import SpeakingRate, Text, Timeline
+
+    text = "alpha beta gamma"
+    timeline, rate = Timeline(Text(text), 0), SpeakingRate()
+    rate.assume(10)
+    timeline.handed(3, text)
+    measured: list[float] = []
+
+    def silence() -> float:
+        measured.append(0.0)
+        return 0.0
+
+    for word, start in (("alpha", 0.0), ("beta", 0.5), ("gamma", 1.0)):
+        timeline.timed_words([(word, start, start + 0.5)], rate, last_partial=False)
+        timeline.audio(0.5, silence=silence)
+        timeline.voiced_end(rate, margin=0.0)
+    assert measured == []
+    assert text[: timeline.voiced_end(rate, margin=0.0)] == text
+    # Audio past the last timing: now an estimate needs it (and measures the piece once).
+    timeline.audio(0.4, silence=silence)
+    timeline.voiced_end(rate, margin=0.0)
+    timeline.voiced_end(rate, margin=0.0)
+    assert len(measured) == 1
