@@ -222,10 +222,11 @@ class Host(Generic[S]):
         fallbacks: Factories of the providers to fall back on, in order of
             preference (validated like ``factory``); provider 0 is
             ``factory``, provider ``i`` is ``fallbacks[i - 1]``.
-        spare: Keep an instance built ahead of time for the next :meth:`make`
-            (the one built at construction to check the factory, then one
-            built by :meth:`replenish`), for services whose construction is
-            slow: a recovery then does not wait for the factory.
+        spare: Keep an instance of each provider built ahead of time for
+            the next :meth:`make` of it (the one built at construction to
+            check its factory, then one built by :meth:`replenish`), for
+            services whose construction is slow: a recovery, or a switch to a
+            fallback, then does not wait for the factory.
     """
 
     def __init__(
@@ -291,8 +292,9 @@ class Host(Generic[S]):
             if index == 0:
                 primary = first
         self._keep_spare = spare
-        self._spare = built[0] if spare else None
-        self._replenishing = False
+        # Instances built ahead of time, by provider, each for its next make().
+        self._spares: dict[int, S] = dict(enumerate(built)) if spare else {}
+        self._replenishing: set[int] = set()
         self.first: Hosted[S] = self._host(primary)
 
     # -- making ----------------------------------------------------------------
@@ -324,32 +326,29 @@ class Host(Generic[S]):
         return service
 
     def make(self, provider: int = 0) -> Hosted[S]:
-        """Build a fresh instance of ``provider``, or take the spare (raises what the factory raises)."""
-        if provider == 0:
-            service, self._spare = self._spare, None
-        else:
-            service = None
+        """Build a fresh instance of ``provider``, or take its spare (raises what the factory raises)."""
+        service = self._spares.pop(provider, None)
         hosted = self._host(service if service is not None else self._call_factory(provider), provider)
         return hosted
 
-    async def replenish(self) -> None:
-        """Build the spare for the next :meth:`make`, if spares are kept and there is none.
+    async def replenish(self, provider: int = 0) -> None:
+        """Build the spare for the next :meth:`make` of ``provider``, if spares are kept and it has none.
 
         The factory runs in a worker thread, so that a slow constructor (an SDK
         loading its CA bundle) does not hold up the event loop.
         """
-        if not self._keep_spare or self._spare is not None or self._replenishing:
+        if not self._keep_spare or provider in self._spares or provider in self._replenishing:
             return
-        self._replenishing = True
+        self._replenishing.add(provider)
         try:
-            service = await asyncio.to_thread(self.factories[0])
-            if self._spare is None:
-                self._spare = self._checked(service)
+            service = await asyncio.to_thread(self.factories[provider])
+            if provider not in self._spares:
+                self._spares[provider] = self._checked(service)
         except Exception as exc:
             # The next make() calls the factory itself, and reports it there.
             logger.debug(f"{self._owner}: building a spare instance failed ({type(exc).__name__}: {exc})")
         finally:
-            self._replenishing = False
+            self._replenishing.discard(provider)
 
     @property
     def latest(self) -> Hosted[S]:

@@ -134,8 +134,9 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
             a probe through; an HTTP service has no connection to probe, so
             that next answer is the probe, and if it fails before its first
             token it is answered by the fallback with nothing shown.
-            ``"never"`` keeps the fallback. A speech-to-speech session stays
-            on its fallback for the rest of the call.
+            ``"never"`` keeps the fallback. A speech-to-speech session goes
+            back at a turn boundary, probed by its handshake and setup alone
+            and seeded with the conversation as heard as it takes over.
         switch_after: With fallbacks: failed connection attempts on one
             provider, within a recovery, before the next is tried.
         **kwargs: Passed to ``FrameProcessor``.

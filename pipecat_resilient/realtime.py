@@ -41,6 +41,14 @@ session's age):
 * moves to a fresh (resumed) session at a turn boundary, with no audible gap,
   on GoAway and once a session is ``ReplayPolicy.max_session_s`` old (OpenAI
   Realtime ends sessions at 60 minutes);
+* with fallbacks (other sessions of the same provider: another key, region or
+  model), goes on with a cut reply on the next one when the one in use is
+  down, seeded with the conversation as heard (a resumption handle is only
+  offered to the provider that issued it); and with
+  ``switch_back="boundary"`` moves back to a preferred one that is healthy
+  again at a turn boundary: the probe is the handshake and the session's
+  setup, nothing billed, and the conversation goes to the probed session as
+  it takes over, as in a handover;
 * gives up with one ``ErrorFrame`` when the same failure (a 1007 on the same
   input, say) comes back before any progress: that is poison input.
 """
@@ -121,6 +129,11 @@ TOOL_WAIT_S = 60.0
 BOUNDARY_POLL_S = 0.02
 # How often readiness is checked while a fresh session connects.
 READY_POLL_S = 0.005
+# Speech into the session this recently (with no reply begun since) means the
+# user may be speaking: the conversation does not move to another provider.
+SPEECH_PAUSE_S = 1.0
+# Longest a probed provider's session waits for a turn boundary to take over at.
+SWITCH_WAIT_S = 30.0
 
 
 class SessionAdapter(Protocol):
@@ -173,7 +186,14 @@ class ResilientRealtimeLLM(ResilientLLM):
         """Create the processor (see :class:`~pipecat_resilient.llm.ResilientLLM`)."""
         self._provider: SessionAdapter = GeminiLive()  # replaced by the factory's provider's
         self._handle: str | None = None
+        # The provider of the chain that issued the handle: a handle is good
+        # for its own provider only (another key, region or model refuses it).
+        self._handle_from: int | None = None
         self._resume_refused = False
+        # When the user last spoke into the live session (speech in the
+        # audio), and when a reply last began: a switch waits for a pause.
+        self._speech_at: float | None = None
+        self._reply_at: float | None = None
         self._context: LLMContext | None = None
         self._tool_names: dict[str, str] = {}
         self._cut_closed = False
@@ -282,8 +302,11 @@ class ResilientRealtimeLLM(ResilientLLM):
     def _taken_in(self, frame: Frame) -> None:
         """A frame goes to the live session: what it says, the session now holds."""
         if isinstance(frame, (InputAudioRawFrame, UserStartedSpeakingFrame, UserStoppedSpeakingFrame)):
+            speech = _speech(frame)
+            if speech:
+                self._speech_at = now()
             self._session.input_fed(
-                (frame, FrameDirection.DOWNSTREAM), seconds=_seconds(frame), speech=_speech(frame)
+                (frame, FrameDirection.DOWNSTREAM), seconds=_seconds(frame), speech=speech
             )
         elif isinstance(frame, InputTextRawFrame) and frame.text.strip():
             self._session.said({"role": "user", "content": frame.text})
@@ -346,6 +369,7 @@ class ResilientRealtimeLLM(ResilientLLM):
             handle = self._provider.resumable_handle(hosted.service)
             if handle is not None:
                 self._handle = handle
+                self._handle_from = hosted.provider
                 self._resume_refused = False
                 self._session.handle_issued()
         if self._provider.goes_away(message) and not self._rotating:
@@ -360,9 +384,22 @@ class ResilientRealtimeLLM(ResilientLLM):
             self._session.user_transcribed(frame.text)
         await super()._on_instance_upstream(hosted, frame)
 
+    # A stock session service can take tens of ms to build (google-genai loads
+    # its CA bundle): one of each provider is built ahead of time, in a thread.
+    _spare_instance = True
+
     def _before_connect(self, hosted: Hosted[LLMService]) -> None:
+        # The next instance of this provider is built now, off the event loop.
+        self.create_task(self._host.replenish(hosted.provider), name="spare")
+        if self._probing():
+            return  # a probe: the handshake and the setup, nothing else
         adapter = self._provider
-        hosted.resumes = adapter.resumes and self._handle is not None and not self._resume_refused
+        hosted.resumes = (
+            adapter.resumes
+            and self._handle is not None
+            and self._handle_from == hosted.provider
+            and not self._resume_refused
+        )
         if hosted.resumes:
             assert self._handle is not None
             adapter.resume_with(hosted.service, self._handle)
@@ -374,11 +411,22 @@ class ResilientRealtimeLLM(ResilientLLM):
                 # said where instructions belong.
                 adapter.add_instruction(hosted.service, instruction)
 
+    def _probing(self) -> bool:
+        """Whether the instance being connected is a probe (a planned switch's): set up, never seeded."""
+        switching = self._switching
+        return switching is not None and asyncio.current_task() is switching
+
     async def _connected(self, hosted: Hosted[LLMService]) -> Failure | None:
         service = hosted.service
         adapter = self._provider
         adapter.name_tool_calls(service, self._tool_names)
         failure = await self._until(hosted, hosted.ready.is_set, "the session did not open")
+        if failure is None and self._probing():
+            # Nothing but the setup: no conversation, no request the
+            # provider bills. It is seeded at the turn boundary it takes over at.
+            return await self._until(
+                hosted, lambda: adapter.is_ready(service), "the session did not become ready"
+            )
         if failure is None:
             answer = self._answer_again()
             cut = self._session.cut
@@ -525,6 +573,7 @@ class ResilientRealtimeLLM(ResilientLLM):
         await self._out(hosted, frame, t)
 
     def _open_reply(self, hosted: Hosted[LLMService], t: float) -> None:
+        self._reply_at = t
         self._speaks = self._provider.speaks(hosted.service)
         self._session.reply_started(now=t, speaks=self._speaks)
         self._sounded = self._transcribed = False
@@ -755,7 +804,7 @@ class ResilientRealtimeLLM(ResilientLLM):
         return Abandoned(closing=tuple(closing), passing=tuple(passing), lost=lost)
 
     # ------------------------------------------------------------------
-    # Handovers: GoAway, and sessions near their limit
+    # Handovers: GoAway, sessions near their limit, and the fallback chain
     # ------------------------------------------------------------------
 
     async def _watch_age(self, limit: float) -> None:
@@ -785,6 +834,24 @@ class ResilientRealtimeLLM(ResilientLLM):
             or self._provider.function_calls_running(hosted.service)
         )
 
+    def _idle(self) -> bool:
+        """Whether the conversation may move to another provider of the chain now.
+
+        At a turn boundary (:meth:`_at_boundary`), live, with nothing buffered,
+        no cut reply being continued, no handover under way, and the user
+        quiet: no speech went into the session since the model last began a
+        reply, or none for :data:`SPEECH_PAUSE_S` (a provider's own voice
+        detection may not tell the pipeline that the user is speaking).
+        """
+        live = self._live
+        if live is None or live.state is not HostedState.LIVE or self.state is not State.LIVE:
+            return False
+        if self._rotating or self._continuing is not None or self._session.buffered:
+            return False
+        spoke, replied = self._speech_at, self._reply_at
+        quiet = spoke is None or (replied is not None and replied >= spoke) or now() - spoke >= SPEECH_PAUSE_S
+        return quiet and self._at_boundary(live)
+
     async def _hand_over(self, old: Hosted[LLMService], why: str) -> None:
         """Move to a fresh (resumed, or seeded) session at the next turn boundary."""
         try:
@@ -799,24 +866,132 @@ class ResilientRealtimeLLM(ResilientLLM):
                 if fresh is None:
                     logger.warning(f"{self}: handover failed ({failure.description if failure else '?'})")
                     return
-                if self._live is not old or self._ended:
-                    self._host.retire(fresh)
+                taken = self._take_over(old, fresh, version, at_boundary=self._at_boundary)
+                if taken is None:
                     return
-                if self._session.version != version or not self._at_boundary(old):
+                if not taken:
                     # The conversation went on while the fresh session
                     # connected: it was given an old state. Again.
-                    self._host.retire(fresh)
                     continue
-                # Swap between two frames: nothing is in flight at a turn boundary.
-                fresh.state = HostedState.LIVE
-                fresh.live_since = now()
-                self._live = fresh
-                self._went_live(fresh)
-                self._host.retire(old, abort=False)
                 await self._flush_early(fresh)
                 return
         finally:
             self._rotating = False
+
+    def _take_over(
+        self,
+        old: Hosted[LLMService],
+        fresh: Hosted[LLMService],
+        version: int,
+        *,
+        at_boundary: Callable[[Hosted[LLMService]], bool],
+    ) -> bool | None:
+        """Make ``fresh`` (connected and given the conversation) live in place of ``old``, between two frames.
+
+        Args:
+            old: The live session when ``fresh`` was given the conversation.
+            fresh: The session to take over.
+            version: The session journal's version when ``fresh`` was given the conversation.
+            at_boundary: Whether the conversation is at a boundary ``fresh`` may take over at.
+
+        Returns:
+            True once ``fresh`` is live; False when the conversation went on
+            while ``fresh`` was being given it (it holds an old state), or
+            ``fresh`` failed meanwhile; None when ``old`` is no longer live,
+            or the processor ended. Unless True, ``fresh`` is retired.
+        """
+        if self._live is not old or self._ended:
+            self._host.retire(fresh)
+            return None
+        if (
+            self._session.version != version
+            or not at_boundary(old)
+            or fresh.failures
+            or fresh.state is not HostedState.CONNECTING
+        ):
+            self._host.retire(fresh)
+            return False
+        # Nothing is in flight at a turn boundary.
+        fresh.state = HostedState.LIVE
+        fresh.live_since = now()
+        self._chain_at = fresh.provider
+        self._live = fresh
+        self._went_live(fresh)
+        self._host.retire(old, abort=False)
+        return True
+
+    async def _planned_switch(self, target: int, reason: str, probe: bool) -> None:
+        """Move the conversation to provider ``target`` of the chain at a turn boundary.
+
+        Back to a preferred provider that is healthy again (``switch_back="boundary"``),
+        or away from one the fleet found down. The probe is the handshake and
+        the session's setup, nothing billed: no conversation, no request for
+        an answer. At the next boundary (within :data:`SWITCH_WAIT_S`) the
+        probed session is given the conversation as heard, as a handover's
+        fresh session is, and takes over between two frames; if the
+        conversation went on meanwhile, it is let go and tried again later.
+        """
+        try:
+            hosted, failure = await self._connect_once(None, target)
+            if hosted is None:
+                assert failure is not None
+                logger.info(f"{self}: {self._host.names[target]} not taken ({failure.description})")
+                self._note_health(target, failure)
+                return
+            if probe:
+                self._note_health(target, None)
+            deadline = now() + SWITCH_WAIT_S
+            while not self._ended and not self._idle() and not hosted.failures and now() < deadline:
+                await asyncio.sleep(BOUNDARY_POLL_S)
+            old = self._live
+            if hosted.failures:
+                self._note_health(target, hosted.failures[-1])
+            if (
+                old is None
+                or old.provider == target  # a recovery got there first
+                or not self._idle()
+                or hosted.failures
+                or hosted.state is not HostedState.CONNECTING
+            ):
+                logger.debug(
+                    f"{self}: no turn boundary to switch at; not taking {self._host.names[target]} now"
+                )
+                self._host.retire(hosted)
+                return
+            version = self._session.version
+            failure = await self._seed(hosted)
+            if failure is not None:
+                logger.info(f"{self}: {self._host.names[target]} not taken ({failure.description})")
+                self._note_health(target, failure)
+                self._host.retire(hosted)
+                return
+            if not self._take_over(old, hosted, version, at_boundary=lambda _: self._idle()):
+                logger.debug(f"{self}: the conversation went on; not taking {self._host.names[target]} now")
+                return
+            await self._switched(old.provider, target, reason)
+            await self._flush_early(hosted)
+        except Exception:
+            logger.exception(f"{self}: switching providers failed")
+        finally:
+            self._switching = None
+
+    async def _seed(self, hosted: Hosted[LLMService]) -> Failure | None:
+        """Give a connected session that has none the conversation as heard (no answer asked), and wait."""
+        service = hosted.service
+        adapter = self._provider
+        adapter.name_tool_calls(service, self._tool_names)
+        if self._context is not None:
+            messages = _as_heard(self._context, "")
+            context = LLMContext(
+                messages,  # type: ignore[arg-type]
+                tools=self._context.tools,
+                tool_choice=self._context.tool_choice,
+            )
+            await adapter.seed(service, context, answer=False)
+            self._seeds[id(hosted)] = messages
+        return await self._until(
+            hosted, lambda: adapter.is_ready(service), "the session did not become ready"
+        )
 
 
 def _held_kind(frame: Frame) -> tuple[Held, int, str]:
