@@ -139,13 +139,17 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
             and seeded with the conversation as heard as it takes over.
         switch_after: With fallbacks: failed connection attempts on one
             provider, within a recovery, before the next is tried.
-        **kwargs: Passed to ``FrameProcessor``.
+        **kwargs: Passed to ``FrameProcessor``. (There is no ``standby``: see
+            Raises.)
 
     Raises:
         TypeError: ``factory`` is not callable or does not build an ``LLMService``,
             or a fallback is of another kind than the primary.
-        ValueError: ``factory`` raised or returned the same object twice, or a
-            timeout is not a positive number.
+        ValueError: ``factory`` raised or returned the same object twice, a
+            timeout is not a positive number, or ``standby=True`` was given (a
+            warm standby is for TTS: an HTTP LLM keeps no connection between
+            requests, and a spare speech-to-speech session would hold an old
+            conversation).
     """
 
     def __new__(cls, factory: Callable[[], LLMService[Any]], *args: Any, **kwargs: Any) -> ResilientLLM:
@@ -178,6 +182,13 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
+        if kwargs.pop("standby", False):
+            # A warm standby is a TTS feature (ResilientTTS(standby=True)).
+            raise ValueError(
+                f"{type(self).__name__}: standby=True is not supported for LLMs: an HTTP LLM service "
+                "keeps no connection open between requests, and a speech-to-speech session holds the "
+                "conversation it was opened with (a spare one would hold an old one)"
+            )
         check_seconds(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout)
         self._replay = _replay_policy(replay)
         super().__init__(

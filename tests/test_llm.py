@@ -291,5 +291,7 @@ def test_bad_configuration_fails_at_construction() -> None:
         ReplayPolicy(partial_answer="again")
     with pytest.raises(ValueError, match="min_repeat_chars must be at least 1"):
         ReplayPolicy(min_repeat_chars=0)
+    with pytest.raises(ValueError, match="standby=True is not supported for LLMs"):
+        ResilientLLM(lambda: OpenAILLMService(api_key="k"), standby=True)
     llm = ResilientLLM(lambda: OpenAILLMService(api_key="k"))
     assert llm._host.first.service._client.max_retries == 0

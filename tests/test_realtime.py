@@ -629,3 +629,13 @@ def test_bad_replay_policy_for_sessions() -> None:
     with pytest.raises(ValueError, match="session_instruction"):
         ReplayPolicy(session_instruction=" ")
     assert ReplayPolicy(max_session_s=None, session_instruction=None).max_session_s is None
+
+
+def test_a_standby_session_is_refused_at_construction() -> None:
+    """A spare session would hold the conversation it was opened with: ``standby=True`` is refused."""
+
+    def factory() -> GeminiLiveLLMService:
+        return GeminiLiveLLMService(api_key="k", settings=GeminiLiveLLMService.Settings(model=MODEL))
+
+    with pytest.raises(ValueError, match="standby=True is not supported for LLMs"):
+        ResilientLLM(factory, standby=True)
