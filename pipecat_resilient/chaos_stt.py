@@ -63,7 +63,7 @@ from pipecat_resilient.chaos import (
     _progress_run,
 )
 from pipecat_resilient.policy import RetryPolicy
-from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator
+from pipecat_resilient.testing._server import WebsocketEmulator
 from pipecat_resilient.testing.assemblyai import AssemblyAIEmulator
 from pipecat_resilient.testing.deepgram_stt import DeepgramSTTEmulator
 from pipecat_resilient.testing.faults import Fault, FaultKind
@@ -469,44 +469,13 @@ def _round(at: float | None, since: float | None) -> float | None:
 # -- running a side -----------------------------------------------------------
 
 
-class _DrainAfterClose:
-    """An emulator that reads (and drops) what the client still sends once it closed the connection.
-
-    A real server goes on reading until the client's close frame comes back.
-    The emulators stop reading when a close fault fires: after a burst of
-    audio (a replay, or a sentence sent faster than real time) the socket's
-    queue is full, the client's close frame is never read, and the close
-    takes the server's whole close timeout (1 s), during which the client
-    (Deepgram's SDK speaks the legacy websockets protocol) blocks in its next
-    send. The bench measures the provider, not that.
-    """
-
-    async def serve_connection(self, state: ConnectionState) -> None:
-        try:
-            await super().serve_connection(state)  # type: ignore[misc]
-        except Exception:
-            if state.closing is not None:
-                with contextlib.suppress(Exception):
-                    async for _ in state.ws:
-                        pass
-            raise
-
-
-class _DeepgramEmulator(_DrainAfterClose, DeepgramSTTEmulator):
-    pass
-
-
-class _AssemblyAIEmulator(_DrainAfterClose, AssemblyAIEmulator):
-    pass
-
-
 def _emulator(config: STTChaosConfig) -> WebsocketEmulator:
     if config.provider == "deepgram":
         # Unkind: finals of four words (a drop cuts a group), interims misheard.
-        return _DeepgramEmulator(
+        return DeepgramSTTEmulator(
             api_key=API_KEY, ms_per_char=config.ms_per_char, words_per_final=4, revise_interims=True
         )
-    return _AssemblyAIEmulator(api_key=API_KEY, ms_per_char=config.ms_per_char)
+    return AssemblyAIEmulator(api_key=API_KEY, ms_per_char=config.ms_per_char)
 
 
 def _factory(config: STTChaosConfig, emulator: Any) -> Callable[[], Any]:

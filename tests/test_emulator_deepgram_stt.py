@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -275,6 +276,21 @@ async def test_each_connection_has_its_own_stream_time_and_faults() -> None:
     assert [c.refused for c in emulator.connections] == [401, None, 503, None, 404]
     assert emulator.stream(1).words_dropped == []  # two messages in, no word had ended
     assert emulator.words_finalized() == ["Fresh", "start."]
+
+
+async def test_a_close_reads_the_clients_close_frame_behind_a_burst_of_audio() -> None:
+    """A close fault in a burst of audio (more than the server's read queue holds) completes at once:
+    the emulator reads on, as a real server does, until the client's close frame; it does not wait out
+    its close timeout (1 s) with the close frame unread behind the audio."""
+    plan = FaultPlan(Fault.close(1011, "NET-0000", after_audio_received=1))
+    async with DeepgramSTTEmulator(plan=plan) as emulator:
+        async with connect(listen_url(emulator)) as ws:
+            await send_audio(ws, silence(2.0))  # 100 messages; the first one triggers the close
+            await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
+            closed_at = time.monotonic()
+            assert ws.close_code == 1011
+    fault_at = emulator.connections[0].fault_at
+    assert fault_at is not None and closed_at - fault_at < 0.5
 
 
 # -- the stock service, without faults ----------------------------------------

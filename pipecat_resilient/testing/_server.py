@@ -299,6 +299,13 @@ class ConnectionState:
         await self.ws.send(message)
 
 
+async def _drain(ws: ServerConnection) -> None:
+    """Read and drop what the client still sends, until the connection closes."""
+    with contextlib.suppress(Exception):
+        async for _ in ws:
+            pass
+
+
 class WebsocketEmulator(OutageSwitch):
     """Base class of the provider emulators: a websocket server on 127.0.0.1, port 0.
 
@@ -619,8 +626,17 @@ class WebsocketEmulator(OutageSwitch):
             pass
         finally:
             if state.closing is not None:
+                # A real server reads on until the client's close frame comes
+                # back. The handler stopped reading when the fault fired: what
+                # the client sent meanwhile (a burst of audio) would fill the
+                # read queue, leave the close frame unread, and make the close
+                # wait out the close timeout.
+                draining = asyncio.ensure_future(_drain(ws))
                 with contextlib.suppress(Exception):
                     await state.closing
+                draining.cancel()
+                with contextlib.suppress(BaseException):
+                    await draining
             if state.faulted.is_set() and state.record.fault is not None:
                 if state.record.fault.kind is FaultKind.STALL:
                     # Stay half-open until the client gives up on us.
