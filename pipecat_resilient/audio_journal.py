@@ -29,9 +29,15 @@ it what happens and acts on what it returns:
   says how many leading words to drop, by *time*, not by text;
 * :meth:`AudioJournal.overdue` tells a stalled stream from a quiet one: audio
   went in while the caller spoke (VAD) and nothing came back within
-  ``stall_timeout``; words shown in an interim result were not finalized
-  within ``finalize_timeout`` of a finalize request; or a send did not complete
-  within ``send_timeout``.
+  ``stall_timeout``; words
+  shown in an interim result were not finalized within ``finalize_timeout`` of
+  a finalize request; or a send did not complete within ``send_timeout``;
+* a VAD stop is held back (:meth:`AudioJournal.stops_to_pass`) until the
+  speech before it is final, so that the turn it ends is not committed
+  without its last words when the connection dies before finalizing them: it
+  passes once a final covers the speech, or once the live connection took it
+  ``finalize_timeout`` ago and owes nothing (no word shown and not final, no
+  speech unanswered), or ``stop_hold_timeout`` after it arrived at the latest.
 
 Audio is held only until it is final (plus the margin). While the caller is
 silent (VAD stopped and everything said before was finalized), silence older
@@ -106,10 +112,19 @@ class Entry:
             was seen yet).
         fed: Set by the shell once it fed the entry to an instance (a
             ``FRAME`` is fed once; audio and cues again after a rewind).
-        passed: Set by the shell once it passed the frame on (a VAD stop waits
-            while no instance can take it).
+        passed: Whether the frame was passed on: a VAD stop is not until
+            :meth:`AudioJournal.stops_to_pass` says so (or the shell passes it
+            before a VAD start).
         mute: For a mute cue, whether it mutes.
         speaking: For a VAD cue, whether it starts speech.
+        stop_secs: For a VAD stop, the silence the VAD waited for before it.
+        waits: For a VAD stop, whether it is held back until the speech before
+            it is final (not for a provider whose messages are not observed,
+            nor while muted).
+        accepted_at: For a VAD stop, the wall-clock time it arrived (None when
+            not given: no bound on its hold).
+        taken_at: For a VAD stop, the wall-clock time the live instance took
+            it (None while no instance has, since the last drop).
     """
 
     kind: EntryKind
@@ -122,6 +137,10 @@ class Entry:
     passed: bool = True
     mute: bool | None = None
     speaking: bool | None = None
+    stop_secs: float = 0.0
+    waits: bool = False
+    accepted_at: float | None = None
+    taken_at: float | None = None
 
     @property
     def end(self) -> float:
@@ -205,7 +224,10 @@ class AudioJournal:
             counts as finalized.
         observes_messages: Whether the caller reports every provider message
             (:meth:`message_received`); without it, a quiet provider is not
-            taken for a stalled one.
+            taken for a stalled one, and a VAD stop is not held back for the
+            speech before it.
+        stop_hold_timeout: Seconds a VAD stop is held back at most after it
+            arrived (when the caller gives its time).
     """
 
     def __init__(
@@ -218,6 +240,7 @@ class AudioJournal:
         replay_margin_s: float = 0.2,
         silence_guard_s: float = 0.5,
         observes_messages: bool = True,
+        stop_hold_timeout: float = 5.0,
     ) -> None:
         """Create an empty journal in the LIVE state."""
         self.stall_timeout = stall_timeout
@@ -227,6 +250,7 @@ class AudioJournal:
         self.replay_margin_s = replay_margin_s
         self.silence_guard_s = silence_guard_s
         self.observes_messages = observes_messages
+        self.stop_hold_timeout = stop_hold_timeout
         self.state = State.LIVE
         self.heard_until = 0.0
         """Caller time up to which the provider's transcript is final."""
@@ -249,7 +273,10 @@ class AudioJournal:
         # The caller, as VAD says.
         self._vad_seen = False
         self._speaking = False
+        self._muted = False
         self._last_stop: tuple[float, float] | None = None  # (caller position, stop_secs)
+        # VAD stops not passed on yet, in order.
+        self._stops: list[Entry] = []
         # The provider, for the watchdog.
         self._unanswered_since: float | None = None  # first speech sent since the last message
         self._unanswered_at: float | None = None  # its caller time
@@ -288,15 +315,25 @@ class AudioJournal:
         return entry
 
     def vad_accepted(
-        self, frame: object, *, speaking: bool, direction: object = None, stop_secs: float = 0.0
+        self,
+        frame: object,
+        *,
+        speaking: bool,
+        direction: object = None,
+        stop_secs: float = 0.0,
+        now: float | None = None,
     ) -> Entry:
         """Take a VAD start (``speaking``) or stop at the current caller time.
+
+        A stop is not passed on yet (``passed`` False): see :meth:`stops_to_pass`.
 
         Args:
             frame: The VAD frame.
             speaking: True for a start, False for a stop.
             direction: The direction it travels.
             stop_secs: For a stop, the silence the VAD waited for before it.
+            now: Wall-clock time, from which a stop's hold is bounded by
+                ``stop_hold_timeout`` (no bound when None).
 
         Returns:
             Its entry.
@@ -317,6 +354,11 @@ class AudioJournal:
         else:
             self._speaking = False
             self._last_stop = (self._position, stop_secs)
+            entry.passed = False
+            entry.stop_secs = stop_secs
+            entry.waits = self.observes_messages and not self._muted
+            entry.accepted_at = now
+            self._stops.append(entry)
             unanswered = self._unanswered_at
             if unanswered is not None and unanswered >= self._position - stop_secs - _SPEECH_END_TOLERANCE_S:
                 # What went in since the provider last spoke was the silence
@@ -329,6 +371,7 @@ class AudioJournal:
         """Take a mute or unmute at the current caller time."""
         self._check_not_failed()
         entry = Entry(EntryKind.CUE, frame, self._position, direction=direction, mute=mute)
+        self._muted = mute
         self._entries.append(entry)
         return entry
 
@@ -449,6 +492,11 @@ class AudioJournal:
         self._heard(self._connection.to_caller(self._finalize_at))
         self._finalize_at = self._finalize_since = None
 
+    def stop_taken(self, entry: Entry, *, now: float) -> None:
+        """The live instance took VAD stop ``entry`` (and asked the provider to finalize, if it does)."""
+        if self.state is State.LIVE and not entry.passed:
+            entry.taken_at = now
+
     # ------------------------------------------------------------------
     # Inputs: the connection's lifecycle
     # ------------------------------------------------------------------
@@ -475,6 +523,12 @@ class AudioJournal:
         """
         audio = speech = 0.0
         frames: list[tuple[object, object]] = []
+        kept = {id(entry) for entry in self._entries}
+        for stop in self.pending_stops():
+            if id(stop) not in kept:
+                # Trimmed with the audio before it, and not passed on yet.
+                stop.passed = True
+                frames.append((stop.frame, stop.direction))
         for entry in self._entries:
             if entry.kind is EntryKind.AUDIO:
                 if entry.end > self.heard_until + _EPSILON_S:
@@ -489,6 +543,7 @@ class AudioJournal:
                 frames.append((entry.frame, entry.direction))
         self.state = State.FAILED
         self._entries.clear()
+        self._stops = []
         self._prelude = []
         self._cursor = 0
         self._held_s = 0.0
@@ -556,8 +611,70 @@ class AudioJournal:
         return self._speaking
 
     def pending_stops(self) -> list[Entry]:
-        """VAD stops not passed on yet (they wait while no instance can take them), in order."""
-        return [e for e in self._entries if e.kind is EntryKind.CUE and not e.passed]
+        """VAD stops not passed on yet, in order (the caller marks them ``passed`` as it passes them)."""
+        self._stops = [stop for stop in self._stops if not stop.passed]
+        return list(self._stops)
+
+    def stops_to_pass(self, *, now: float) -> list[Entry]:
+        """The VAD stops that may pass on now, in order, marked ``passed``.
+
+        A stop passes once an instance took it (none can while recovering)
+        and, for one that ``waits``, the speech before it is final: a final
+        result or a finalize acknowledgement covers it. The speech need not be
+        final when the live instance took the stop ``finalize_timeout`` ago
+        and owes nothing (no word it showed is not final, no speech went
+        unanswered): the provider had nothing to say about the end of it (a
+        cough). A stop whose speech is final passes at once, even while
+        recovering; any stop passes ``stop_hold_timeout`` after it arrived
+        (when its time was given). One that may not pass holds back those
+        after it.
+        """
+        out: list[Entry] = []
+        for stop in self.pending_stops():
+            if not self._may_pass(stop, now):
+                break
+            stop.passed = True
+            out.append(stop)
+        if out:
+            self._stops = [stop for stop in self._stops if not stop.passed]
+        return out
+
+    def stop_deadline(self) -> float | None:
+        """The wall-clock time at which the first VAD stop held back may pass by time alone.
+
+        None when no stop is held, or when only evidence (a final, a
+        finalize acknowledgement, a message) or an instance taking it can
+        release it.
+        """
+        stops = self.pending_stops()
+        if not stops:
+            return None
+        stop = stops[0]
+        times = []
+        if stop.accepted_at is not None:
+            times.append(stop.accepted_at + self.stop_hold_timeout)
+        if stop.waits and self.state is State.LIVE and stop.taken_at is not None:
+            times.append(stop.taken_at + self.finalize_timeout)
+        return min(times) if times else None
+
+    def _may_pass(self, stop: Entry, now: float) -> bool:
+        if stop.accepted_at is not None and now - stop.accepted_at >= self.stop_hold_timeout - _EPSILON_S:
+            return True
+        if stop.waits and self.heard_until >= stop.start - stop.stop_secs - _SPEECH_END_TOLERANCE_S:
+            return True
+        if self.state is not State.LIVE or stop.taken_at is None:
+            return False
+        if not stop.waits:
+            return True
+        return now - stop.taken_at >= self.finalize_timeout - _EPSILON_S and not self._owes_results()
+
+    def _owes_results(self) -> bool:
+        """Whether the live connection owes results it gave evidence of: a word it showed and has not
+        finalized, or speech it has not answered at all."""
+        if self._unanswered_since is not None:
+            return True
+        heard = self.heard_until + _EPSILON_S
+        return any(end > heard for end in self._interim_ends)
 
     def overdue(self, *, now: float) -> str | None:
         """Why the live connection counts as dead, or None while it looks alive."""
@@ -661,6 +778,8 @@ class AudioJournal:
         self._prelude = prelude
         self._cursor = min(self._cursor, index)
         self._boundary = self.heard_until
+        for stop in self._stops:
+            stop.taken_at = None  # to be taken again, by the fresh connection
         self._trim()
 
     def _restore(self) -> None:

@@ -23,9 +23,17 @@ with a ``TypeError`` saying why (the machinery a service runs on itself).
 
 The caller's audio and VAD frames are passed on by this processor itself, not
 by the hosted instance, so they keep flowing while a fresh instance connects,
-and replayed audio never goes downstream twice. A VAD stop waits until an
-instance has taken it (during a recovery, until the replay reached it), so the
-turn it ends is not committed before its last words can be transcribed.
+and replayed audio never goes downstream twice. A VAD stop is held back until
+the speech before it is final (a final result or the provider's answer to the
+finalize request covers it), so the turn it ends is not committed without its
+last words when the connection dies before finalizing them: it waits through
+the recovery and the replay, until the fresh connection finalized them. It
+passes sooner when the live connection took it ``finalize_timeout`` ago and
+owes nothing (it showed no word it has not finalized and answered all the
+speech: it had nothing to say about the end of it, a cough), at once before
+the caller's next VAD start, and ``stop_hold_timeout`` after it arrived at the
+latest. With no drop, it waits only for the provider's final on the last
+words, which usually arrives about when the VAD stops.
 
 A settings update (``STTUpdateSettingsFrame``) is applied to the live instance
 in order with the audio; a service that reconnects for it does so as a planned
@@ -35,6 +43,8 @@ fresh instance after a drop gets the latest settings before it connects.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,13 +137,19 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         stall_timeout: Seconds the provider may stay silent after the caller
             spoke (VAD said so) into it before the connection counts as dead.
         finalize_timeout: Seconds the provider may take to finalize words it
-            showed in an interim result, once asked to (at a VAD stop).
+            showed in an interim result, once asked to (at a VAD stop); and
+            how long a VAD stop is held back for the speech before it when the
+            connection owes nothing it gave evidence of.
         send_timeout: Seconds one send of audio may take.
         max_buffered_audio_s: Seconds of caller audio held at most while the
             provider has not finalized it; the oldest goes first, with a warning.
         replay_margin: Seconds before the end of the last finalized result a
             replay starts (so that no word is cut in half); the provider
             adapter's choice when None (Deepgram 0.2, AssemblyAI 0).
+        stop_hold_timeout: Seconds a VAD stop is held back at most, waiting
+            for the speech before it to be final (through a recovery too)
+            before it passes on and the turn it ends may be committed without
+            it. Default 5.0, the user aggregator's ``user_turn_stop_timeout``.
         **kwargs: Passed to ``FrameProcessor`` (``name=`` and so on).
 
     Raises:
@@ -152,6 +168,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         send_timeout: float = 2.0,
         max_buffered_audio_s: float = 30.0,
         replay_margin: float | None = None,
+        stop_hold_timeout: float = 5.0,
         **kwargs: Any,
     ) -> None:
         """Create the processor and validate its configuration."""
@@ -160,6 +177,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             finalize_timeout=finalize_timeout,
             send_timeout=send_timeout,
             max_buffered_audio_s=max_buffered_audio_s,
+            stop_hold_timeout=stop_hold_timeout,
         )
         if replay_margin is not None:
             if isinstance(replay_margin, bool) or not isinstance(replay_margin, int | float):
@@ -173,6 +191,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             finalize_timeout=finalize_timeout,
             send_timeout=send_timeout,
             max_buffered_audio_s=max_buffered_audio_s,
+            stop_hold_timeout=stop_hold_timeout,
         )
         self._replay_margin = replay_margin
         self._adapter: STTAdapter | None = None
@@ -183,6 +202,10 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         self._assistant_turn: LLMContextAssistantTurnFrame | None = None
         self._condemned: Hosted[STTService] | None = None
         self._drop_warned_s: float | None = None
+        # VAD stops held back: passed on in order, by one task at a time.
+        self._stops_lock = asyncio.Lock()
+        self._stops_changed = asyncio.Event()
+        self._stops_task: asyncio.Task[None] | None = None
         super().__init__(
             factory,
             STTService,  # type: ignore[type-abstract]
@@ -196,6 +219,13 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
     # A stock STT service can take tens of ms to build (the Deepgram SDK loads
     # the CA bundle): one is built ahead of time for the next recovery.
     _spare_instance = True
+
+    async def cleanup(self) -> None:
+        """Tear down every service instance (and stop watching held VAD stops)."""
+        await super().cleanup()
+        task, self._stops_task = self._stops_task, None
+        if task is not None:
+            await self.cancel_task(task)
 
     # ------------------------------------------------------------------
     # Public state
@@ -292,24 +322,27 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             await self._feed_pending(wait=False)
 
     async def _vad(self, frame: Frame, direction: FrameDirection) -> None:
-        """A VAD start goes on at once; a stop once an instance has taken it."""
+        """A VAD start goes on at once; a stop once the speech before it is final (see the module)."""
         journal = self._audio
         speaking = isinstance(frame, VADUserStartedSpeakingFrame)
         if speaking:
-            # Stops held for a recovery go first, so nothing ends the new speech.
-            for stop in journal.pending_stops():
-                stop.passed = True
-                assert isinstance(stop.frame, Frame)
-                await self.push_frame(stop.frame, _direction(stop))
-        entry = journal.vad_accepted(
-            frame,
-            speaking=speaking,
-            direction=direction,
-            stop_secs=float(getattr(frame, "stop_secs", 0.0) or 0.0),
-        )
-        entry.passed = speaking
-        if speaking:
-            await self.push_frame(frame, direction)
+            # Stops held back go first, so nothing ends the new speech: the
+            # caller went on speaking, and the turn goes on.
+            async with self._stops_lock:
+                for stop in journal.pending_stops():
+                    stop.passed = True
+                    await self._push_stop(stop)
+                journal.vad_accepted(frame, speaking=True, direction=direction)
+                await self.push_frame(frame, direction)
+        else:
+            journal.vad_accepted(
+                frame,
+                speaking=False,
+                direction=direction,
+                stop_secs=float(getattr(frame, "stop_secs", 0.0) or 0.0),
+                now=now(),
+            )
+            self._watch_stops()
         await self._feed_pending(wait=False)
 
     async def _while_failed(self, frame: Frame, direction: FrameDirection) -> None:
@@ -402,8 +435,8 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             assert isinstance(frame, Frame)
             await service.queue_frame(frame, _direction(entry))
             if not entry.passed:
-                entry.passed = True
-                await self.push_frame(frame, _direction(entry))
+                self._audio.stop_taken(entry, now=now())
+                await self._pass_stops()
         else:
             frame = entry.frame
             assert isinstance(frame, Frame)
@@ -416,8 +449,60 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
                 return
             if isinstance(frame, EndFrame):
                 hosted.stopping = True
+                # The pipeline ends: nothing more can end the turns the held stops end.
+                await self._pass_stops(every=True)
             await service.queue_frame(frame, _direction(entry))
         entry.fed = True
+
+    # ------------------------------------------------------------------
+    # VAD stops held back for the speech before them
+    # ------------------------------------------------------------------
+
+    async def _pass_stops(self, *, every: bool = False) -> None:
+        """Pass on the VAD stops the journal lets go now (``every``: all of them); watch the rest."""
+        await self._pass_stops_now(every=every)
+        if self._audio.pending_stops():
+            self._watch_stops()
+
+    async def _pass_stops_now(self, *, every: bool = False) -> None:
+        """Pass on the VAD stops the journal lets go now (``every``: all of them), in order."""
+        journal = self._audio
+        async with self._stops_lock:
+            if every:
+                stops = journal.pending_stops()
+                for stop in stops:
+                    stop.passed = True
+            else:
+                stops = journal.stops_to_pass(now=now())
+            for stop in stops:
+                await self._push_stop(stop)
+
+    async def _push_stop(self, stop: Entry) -> None:
+        frame = stop.frame
+        assert isinstance(frame, Frame)
+        await self.push_frame(frame, _direction(stop))
+
+    def _watch_stops(self) -> None:
+        """Look at the held stops again now (a final, an acknowledgement, a message may free them)."""
+        self._stops_changed.set()
+        if self._stops_task is None and not self._ended:
+            self._stops_task = self.create_task(self._stops_watcher(), name="stops")
+
+    async def _stops_watcher(self) -> None:
+        """Pass on held stops as the evidence or their time frees them; ends when none is held."""
+        journal = self._audio
+        try:
+            while journal.pending_stops():
+                self._stops_changed.clear()
+                await self._pass_stops_now()
+                if not journal.pending_stops():
+                    break
+                deadline = journal.stop_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - now()) + self._watchdog_tick / 10
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stops_changed.wait(), timeout)
+        finally:
+            self._stops_task = None
 
     @staticmethod
     async def _process_audio(service: STTService, frame: InputAudioRawFrame) -> None:
@@ -537,6 +622,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             # acknowledgement finalizes nothing.
             if pending and self._speaks(hosted):
                 journal.finalize_confirmed()
+                self._evidence()
 
         service.request_finalize = request_observed
         service.confirm_finalize = confirm_observed
@@ -550,8 +636,14 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         """A message arrived from the provider on ``hosted``'s connection."""
         if self._speaks(hosted):
             self._audio.message_received(now=now())
+            self._evidence()
             if not hosted.produced:
                 self._progress(hosted)
+
+    def _evidence(self) -> None:
+        """The provider said something that may free a held VAD stop."""
+        if self._stops_task is not None:
+            self._stops_changed.set()
 
     def transcript(
         self, hosted: Hosted[Any], words: Sequence[tuple[float, float]], *, end: float | None, final: bool
@@ -559,7 +651,9 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         """A transcript result: how many leading words repeat what an earlier connection finalized."""
         if not self._speaks(hosted):
             return 0
-        return self._audio.result_received(words, end=end, final=final)
+        repeats = self._audio.result_received(words, end=end, final=final)
+        self._evidence()
+        return repeats
 
     def speech_started(self, hosted: Hosted[Any], at: float) -> bool:
         """The provider detected speech: whether it is news (not in replayed, final audio)."""

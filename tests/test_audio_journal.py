@@ -375,3 +375,130 @@ def test_an_acknowledgement_covers_the_oldest_finalize_request_in_flight() -> No
     j.finalize_requested(now=1.0)  # the first is not answered yet
     j.finalize_confirmed()
     assert j.heard_until == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------
+# VAD stops held back until the speech before them is final
+# ----------------------------------------------------------------------
+
+
+def _stopped(j: AudioJournal, *, now: float = 0.0) -> Entry:
+    """1 s of speech, then a VAD stop (0.2 s after the speech), fed and taken by the live instance."""
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50, now=now)
+    j.message_received(now=now)
+    speak(j, 10, now=now)
+    stop = j.vad_accepted("stop", speaking=False, stop_secs=0.2, now=now)
+    assert [e for e in j.to_feed() if e is stop] == [stop]
+    j.stop_taken(stop, now=now)
+    return stop
+
+
+def test_a_stop_passes_once_the_speech_before_it_is_final() -> None:
+    """A stop waits for a final that covers the speech before it (within the VAD's tolerance)."""
+    j = journal(finalize_timeout=0.5)
+    stop = _stopped(j)
+    assert not stop.passed and j.pending_stops() == [stop]
+    j.result_received([(0.2, 0.6)], end=0.6, final=True)  # the last words are not final
+    assert j.stops_to_pass(now=0.1) == []
+    j.result_received([(0.7, 0.95)], end=0.95, final=True)
+    assert j.stops_to_pass(now=0.1) == [stop]
+    assert stop.passed and j.pending_stops() == []
+
+
+def test_a_finalize_acknowledgement_lets_the_stop_pass() -> None:
+    """The provider's answer to the finalize request covers everything sent before it."""
+    j = journal()
+    stop = _stopped(j)
+    j.finalize_requested(now=0.0)
+    assert j.stops_to_pass(now=0.1) == []
+    j.finalize_confirmed()
+    assert j.stops_to_pass(now=0.1) == [stop]
+
+
+def test_a_stop_the_live_connection_owes_nothing_for_passes_after_the_finalize_timeout() -> None:
+    """A provider that answered all the speech and showed no word it has not finalized has nothing to say
+    about the end of it (a cough): the stop passes finalize_timeout after the instance took it."""
+    j = journal(finalize_timeout=0.5)
+    stop = _stopped(j, now=1.0)
+    assert j.stop_deadline() == pytest.approx(1.5)
+    assert j.stops_to_pass(now=1.4) == []
+    assert j.stops_to_pass(now=1.5) == [stop]
+
+
+def test_a_stop_is_held_while_the_connection_owes_words_it_showed() -> None:
+    """A word shown in an interim and not final: the connection owes it, and the stop waits for it (the
+    watchdog declares the connection dead if it never comes)."""
+    j = journal(finalize_timeout=0.5)
+    stop = _stopped(j, now=1.0)
+    j.result_received([(0.7, 0.95)], end=None, final=False)
+    assert j.stops_to_pass(now=3.0) == []
+    j.result_received([(0.7, 0.95)], end=0.95, final=True)
+    assert j.stops_to_pass(now=3.0) == [stop]
+
+
+def test_a_held_stop_waits_through_a_drop_for_the_fresh_connection() -> None:
+    """The connection that took the stop died: the stop waits while recovering, is taken again by the
+    fresh connection in the replay, and passes once the fresh connection finalized the speech."""
+    j = journal(finalize_timeout=0.5)
+    stop = _stopped(j, now=1.0)
+    j.result_received([(0.7, 0.95)], end=None, final=False)
+    j.connection_lost(now=2.0)
+    assert stop.taken_at is None
+    assert j.stops_to_pass(now=4.0) == []  # recovering: no instance can take it
+    j.connection_restored(now=4.0)
+    replay = j.to_feed()
+    assert stop in replay
+    for entry in replay:
+        if entry.kind is EntryKind.AUDIO:
+            j.audio_sent(entry, now=4.0)
+            j.send_finished()
+    j.stop_taken(stop, now=4.0)
+    j.result_received([(0.7, 0.95)], end=None, final=False)  # the fresh connection shows the last words
+    assert j.stops_to_pass(now=4.6) == []
+    j.result_received([(0.0, 0.95)], end=0.95, final=True)
+    assert j.stops_to_pass(now=4.6) == [stop]
+
+
+def test_a_stop_whose_speech_is_final_passes_while_recovering() -> None:
+    """Nothing left to transcribe before it: a stop that arrives during a recovery need not wait for it."""
+    j = journal()
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50)
+    j.result_received([(0.2, 1.0)], end=1.0, final=True)
+    j.connection_lost(now=1.0)
+    speak(j, 10, send=False)
+    stop = j.vad_accepted("stop", speaking=False, stop_secs=0.2, now=1.0)
+    assert j.stops_to_pass(now=1.0) == [stop]
+
+
+def test_a_stop_is_held_at_most_stop_hold_timeout() -> None:
+    """However long the recovery takes, a stop passes stop_hold_timeout after it arrived: never held for
+    good."""
+    j = AudioJournal(replay_margin_s=0.0, stop_hold_timeout=3.0)
+    stop = _stopped(j, now=1.0)
+    j.result_received([(0.7, 0.95)], end=None, final=False)
+    j.connection_lost(now=1.5)
+    assert j.stop_deadline() == pytest.approx(4.0)
+    assert j.stops_to_pass(now=3.9) == []
+    assert j.stops_to_pass(now=4.0) == [stop]
+
+
+def test_stops_are_not_held_for_a_provider_whose_messages_are_not_observed_nor_while_muted() -> None:
+    """Nothing can say the speech is final: a stop passes once an instance took it, as before."""
+    j = AudioJournal(replay_margin_s=0.0, observes_messages=False)
+    stop = _stopped(j)
+    assert not stop.waits and j.stops_to_pass(now=0.0) == [stop]
+    j = journal()
+    j.mute_accepted("mute", mute=True)
+    stop = _stopped(j)
+    assert not stop.waits and j.stops_to_pass(now=0.0) == [stop]
+
+
+def test_a_held_stop_is_passed_on_when_recovery_gives_up() -> None:
+    """Giving up hands the held stops back to pass on."""
+    j = journal()
+    stop = _stopped(j)
+    lost = j.gave_up()
+    assert ("stop", None) in lost.frames
+    assert stop.passed and j.pending_stops() == []

@@ -446,6 +446,27 @@ def test_a_drop_mid_turn_with_provider_owned_turns_keeps_the_turn_whole(
 
 
 # ----------------------------------------------------------------------
+# A connection that dies after the VAD stop
+# ----------------------------------------------------------------------
+
+
+async def test_a_turn_is_not_ended_before_the_words_a_dying_connection_owed_are_recovered() -> None:
+    """The connection goes half-open after finalizing four words, before the VAD stop reached it: the
+    stop waits until the replacement finalized the rest, so the turn is not committed in two halves.
+
+    The aggregator had text and would end the turn user_speech_timeout (0.6 s) after the stop; the
+    stall is found out 1 to 1.5 s after it (the test timeouts).
+    """
+    caller = Caller(CALL[:1], ms_per_char=MS_PER_CHAR)  # "I would like to book a table."
+    stall = message_at(DEEPGRAM, word(caller, "book", 0).start + 0.05)
+    outcome = await call(DEEPGRAM, FaultPlan(Fault.stall(after_audio_received=stall)), caller)
+    assert_whole(outcome, caller)
+    assert outcome.interims and len(outcome.lost) == 1 and len(outcome.recovered) == 1
+    assert outcome.measurement.dropped == ()  # the stalled connection had finalized "I would like to"
+    assert outcome.fault_at is not None and outcome.recovered_at[0] - outcome.fault_at > USER_SPEECH_TIMEOUT
+
+
+# ----------------------------------------------------------------------
 # Giving up, settings, mute, the bound
 # ----------------------------------------------------------------------
 
