@@ -28,8 +28,9 @@ it what happens and acts on what it returns:
   ``heard_until`` repeat what was already final: :meth:`AudioJournal.result_received`
   says how many leading words to drop, by *time*, not by text;
 * :meth:`AudioJournal.overdue` tells a stalled stream from a quiet one: audio
-  went in while the caller spoke (VAD) and nothing came back within
-  ``stall_timeout``; words
+  went in while the caller spoke (VAD), or speech not final yet went into a
+  fresh connection that has said nothing since it opened (a replay into a
+  half-open socket), and nothing came back within ``stall_timeout``; words
   shown in an interim result were not finalized within ``finalize_timeout`` of
   a finalize request; or a send did not complete within ``send_timeout``;
 * a VAD stop is held back (:meth:`AudioJournal.stops_to_pass`) until the
@@ -117,6 +118,8 @@ class Entry:
             before a VAD start).
         mute: For a mute cue, whether it mutes.
         speaking: For a VAD cue, whether it starts speech.
+        trailing: For audio, whether it is the silence a VAD stop waited for
+            (after the speech the stop ended).
         stop_secs: For a VAD stop, the silence the VAD waited for before it.
         waits: For a VAD stop, whether it is held back until the speech before
             it is final (not for a provider whose messages are not observed,
@@ -137,6 +140,7 @@ class Entry:
     passed: bool = True
     mute: bool | None = None
     speaking: bool | None = None
+    trailing: bool = False
     stop_secs: float = 0.0
     waits: bool = False
     accepted_at: float | None = None
@@ -285,6 +289,9 @@ class AudioJournal:
         self._finalize_since: float | None = None
         self._interim_ends: list[float] = []  # caller end of each word the last interim showed
         self._turn_announced = False  # the provider reported speech, and no final since
+        # The live connection is a fresh one (after a drop, or a new stream)
+        # that has said nothing yet.
+        self._fresh = False
         self._dropped_s = 0.0
         self._dropped_speech_s = 0.0
         self.dropped = False
@@ -359,6 +366,11 @@ class AudioJournal:
             entry.waits = self.observes_messages and not self._muted
             entry.accepted_at = now
             self._stops.append(entry)
+            for earlier in reversed(self._entries):
+                if earlier.kind is EntryKind.AUDIO:
+                    if earlier.start < self._position - stop_secs - _EPSILON_S:
+                        break
+                    earlier.trailing = True
             unanswered = self._unanswered_at
             if unanswered is not None and unanswered >= self._position - stop_secs - _SPEECH_END_TOLERANCE_S:
                 # What went in since the provider last spoke was the silence
@@ -392,11 +404,27 @@ class AudioJournal:
             return
         self._connection.sent(entry.start, entry.duration)
         self._sending_since = now
-        if self._speaking and self._unanswered_since is None:
+        if self._unanswered_since is None and (self._speaking or self._owed_by_fresh(entry)):
             # Speech went in: the provider owes a message about it (an interim
             # result, a final), whether or not the caller goes on speaking.
             self._unanswered_since = now
             self._unanswered_at = entry.start
+
+    def _owed_by_fresh(self, entry: Entry) -> bool:
+        """Whether ``entry`` is speech not final yet going into a fresh connection that has said nothing.
+
+        A replay after the caller stopped speaking: a healthy provider answers
+        the speech in it, a half-open socket never does. Once the fresh
+        connection said anything, only live speech counts (a provider may say
+        nothing about a cough).
+        """
+        return (
+            self._fresh
+            and self._vad_seen
+            and entry.speech
+            and not entry.trailing
+            and entry.end > self.heard_until + _EPSILON_S
+        )
 
     def send_finished(self) -> None:
         """The send reported by :meth:`audio_sent` completed (or failed)."""
@@ -421,6 +449,7 @@ class AudioJournal:
     def message_received(self, *, now: float) -> None:
         """The provider sent a message (any message: it is alive)."""
         self._unanswered_since = self._unanswered_at = None
+        self._fresh = False
 
     def result_received(self, words: Sequence[tuple[float, float]], *, end: float | None, final: bool) -> int:
         """A transcript result on the live connection, in stream time.
@@ -799,6 +828,7 @@ class AudioJournal:
         self._unanswered_since = self._unanswered_at = self._sending_since = None
         self._finalize_at = self._finalize_since = None
         self._interim_ends = []
+        self._fresh = True
 
     def _trim(self) -> None:
         """Forget what was fed and is final (up to the replay margin)."""

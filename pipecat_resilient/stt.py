@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +136,9 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             spare is built again (in a worker thread) after each recovery.
         retry: How hard to try for a fresh connection after a failure.
         stall_timeout: Seconds the provider may stay silent after the caller
-            spoke (VAD said so) into it before the connection counts as dead.
+            spoke (VAD said so) into it, or after a fresh connection that has
+            said nothing yet was sent speech not final (a replay), before the
+            connection counts as dead.
         finalize_timeout: Seconds the provider may take to finalize words it
             showed in an interim result, once asked to (at a VAD stop); and
             how long a VAD stop is held back for the speech before it when the
@@ -202,6 +205,8 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         self._assistant_turn: LLMContextAssistantTurnFrame | None = None
         self._condemned: Hosted[STTService] | None = None
         self._drop_warned_s: float | None = None
+        # Instances the provider spoke to before they went live (AssemblyAI's Begin).
+        self._heard_from: weakref.WeakSet[Hosted[STTService]] = weakref.WeakSet()
         # VAD stops held back: passed on in order, by one task at a time.
         self._stops_lock = asyncio.Lock()
         self._stops_changed = asyncio.Event()
@@ -639,6 +644,8 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             self._evidence()
             if not hosted.produced:
                 self._progress(hosted)
+        elif hosted.state is HostedState.CONNECTING:
+            self._heard_from.add(hosted)  # it is alive: counted once it goes live
 
     def _evidence(self) -> None:
         """The provider said something that may free a held VAD stop."""
@@ -702,6 +709,9 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
 
     def _restore_journal(self, hosted: Hosted[STTService]) -> None:
         self._audio.connection_restored(now=now())
+        if hosted in self._heard_from:
+            # The provider spoke on it while it connected: not a half-open socket.
+            self._audio.message_received(now=now())
 
     async def _after_restore(self, hosted: Hosted[STTService]) -> None:
         # The spare went into this recovery: build the next one, off the

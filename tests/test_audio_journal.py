@@ -378,6 +378,81 @@ def test_an_acknowledgement_covers_the_oldest_finalize_request_in_flight() -> No
 
 
 # ----------------------------------------------------------------------
+# A fresh connection that never answers (a half-open replacement)
+# ----------------------------------------------------------------------
+
+
+def _replayed_after_a_stop(j: AudioJournal, *, now: float) -> None:
+    """The caller said 1 s and stopped (VAD); nothing was final; the connection dropped and a fresh one
+    took the replay."""
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50, now=0.0)
+    j.message_received(now=0.0)  # the first connection was alive...
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    speak(j, 10, now=0.0)
+    j.connection_lost(now=now)  # ...and died before finalizing anything
+    j.connection_restored(now=now)
+    for entry in j.to_feed():
+        if entry.kind is EntryKind.AUDIO:
+            j.audio_sent(entry, now=now)
+            j.send_finished()
+
+
+def test_a_fresh_connection_that_never_answers_the_replayed_speech_is_overdue() -> None:
+    """Speech not final replayed after the caller stopped: a fresh connection that says nothing is a stall
+    (the caller being silent no longer hides it)."""
+    j = journal(stall_timeout=2.0)
+    _replayed_after_a_stop(j, now=5.0)
+    assert not j.speaking
+    assert j.overdue(now=6.9) is None
+    assert "after the caller spoke" in (j.overdue(now=7.1) or "")
+
+
+def test_a_fresh_connection_that_said_anything_owes_no_answer_to_the_replay() -> None:
+    """Once a fresh connection said something it is alive: its silence about replayed speech is not a stall
+    (a provider may say nothing about a cough)."""
+    j = journal(stall_timeout=2.0)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50, now=0.0)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    speak(j, 10, now=0.0)
+    j.connection_lost(now=5.0)
+    j.connection_restored(now=5.0)
+    j.message_received(now=5.0)  # AssemblyAI's Begin, say
+    for entry in j.to_feed():
+        if entry.kind is EntryKind.AUDIO:
+            j.audio_sent(entry, now=5.0)
+            j.send_finished()
+    assert j.overdue(now=10.0) is None
+
+
+def test_a_replay_of_only_the_silence_before_a_stop_owes_nothing() -> None:
+    """The silence a VAD stop waited for is not speech a fresh connection must answer, nor is audio
+    before any VAD (no VAD: nobody knows what is speech)."""
+    j = journal(stall_timeout=2.0)
+    j.vad_accepted("start", speaking=True)
+    speak(j, 40, now=0.0)
+    j.result_received([(0.0, 0.8)], end=0.8, final=True)  # every word final
+    speak(j, 10, now=0.0)  # the 0.2 s of silence the VAD waits for
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    j.connection_lost(now=1.0)
+    j.connection_restored(now=1.0)
+    for entry in j.to_feed():
+        j.audio_sent(entry, now=1.0)
+        j.send_finished()
+    assert j.overdue(now=10.0) is None
+
+    j = journal(stall_timeout=2.0)
+    speak(j, 50, now=0.0)  # no VAD at all
+    j.connection_lost(now=1.0)
+    j.connection_restored(now=1.0)
+    for entry in j.to_feed():
+        j.audio_sent(entry, now=1.0)
+        j.send_finished()
+    assert j.overdue(now=10.0) is None
+
+
+# ----------------------------------------------------------------------
 # VAD stops held back until the speech before them is final
 # ----------------------------------------------------------------------
 
@@ -454,8 +529,7 @@ def test_a_held_stop_waits_through_a_drop_for_the_fresh_connection() -> None:
             j.audio_sent(entry, now=4.0)
             j.send_finished()
     j.stop_taken(stop, now=4.0)
-    j.result_received([(0.7, 0.95)], end=None, final=False)  # the fresh connection shows the last words
-    assert j.stops_to_pass(now=4.6) == []
+    assert j.stops_to_pass(now=4.6) == []  # the fresh connection has not answered the replayed speech
     j.result_received([(0.0, 0.95)], end=0.95, final=True)
     assert j.stops_to_pass(now=4.6) == [stop]
 

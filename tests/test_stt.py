@@ -446,7 +446,7 @@ def test_a_drop_mid_turn_with_provider_owned_turns_keeps_the_turn_whole(
 
 
 # ----------------------------------------------------------------------
-# A connection that dies after the VAD stop
+# A connection that dies after the VAD stop, a replacement that never answers
 # ----------------------------------------------------------------------
 
 
@@ -464,6 +464,38 @@ async def test_a_turn_is_not_ended_before_the_words_a_dying_connection_owed_are_
     assert outcome.interims and len(outcome.lost) == 1 and len(outcome.recovered) == 1
     assert outcome.measurement.dropped == ()  # the stalled connection had finalized "I would like to"
     assert outcome.fault_at is not None and outcome.recovered_at[0] - outcome.fault_at > USER_SPEECH_TIMEOUT
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=[p.name for p in PROVIDERS])
+async def test_a_half_open_replacement_is_found_out_while_the_caller_is_silent(provider: Provider) -> None:
+    """The provider is down: the replacement's handshake completes, then it never says a word (not even
+    AssemblyAI's Begin). The replay sent it speech not final after the caller had stopped: its silence
+    gives it away as the caller's would, and the next connection transcribes the turn, whole."""
+    caller = Caller(CALL[:1], ms_per_char=MS_PER_CHAR)
+    stall = message_at(provider, word(caller, "book", 0).start + 0.05)
+
+    async def during(run: STTScenario, emulator: Any) -> None:
+        # Connections open now are left alone; the next ones are half-open until restore().
+        emulator.outage("stall", drop_existing=False)
+        await run.speak(caller)
+        await emulator.wait_for_connections(2, TIMEOUT)
+        emulator.restore()
+        # Not over until the turn is: the second stall is found out 1.5 s after the replay.
+        await run.wait_until(lambda: bool(run.user_messages), TIMEOUT)
+
+    outcome = await call(
+        provider,
+        FaultPlan(Fault.stall(after_audio_received=stall)),
+        caller,
+        during=during,
+        # The turn waits for two stalls to be found out (about 3 s): no bound on a loaded machine.
+        stt_options={"stop_hold_timeout": TIMEOUT},
+    )
+    assert_whole(outcome, caller)
+    first, second = outcome.lost
+    assert "after the caller spoke" in second.description
+    assert len(outcome.recovered) == 2
+    assert outcome.measurement.handshakes == (None, None, None)
 
 
 # ----------------------------------------------------------------------
