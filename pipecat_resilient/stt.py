@@ -445,6 +445,22 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         else:
             frame = entry.frame
             assert isinstance(frame, Frame)
+            if isinstance(frame, EndFrame):
+                # Not marked fed: an instance lost before it passed the EndFrame
+                # on did not finalize the audio before it, so the fresh one gets
+                # both in the replay (and it is passed on if recovery gives up).
+                # The stock service closes its connection at once: first the
+                # speech before the held VAD stops is finalized (or given up on).
+                journal = self._audio
+                while journal.pending_stops() and self._live is hosted and journal.state is State.LIVE:
+                    await self._pass_stops_now()
+                    await asyncio.sleep(self._watchdog_tick)
+                if self._live is not hosted:
+                    return  # lost meanwhile: the fresh instance gets it in the replay
+                await self._pass_stops(every=True)
+                hosted.stopping = True
+                await service.queue_frame(frame, _direction(entry))
+                return
             entry.fed = True
             if self._is_own_settings(frame):
                 assert isinstance(frame, STTUpdateSettingsFrame)
@@ -452,10 +468,6 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
                 # for it opens a new stream, into which the journal replays.
                 await self._apply_settings(hosted, frame)
                 return
-            if isinstance(frame, EndFrame):
-                hosted.stopping = True
-                # The pipeline ends: nothing more can end the turns the held stops end.
-                await self._pass_stops(every=True)
             await service.queue_frame(frame, _direction(entry))
         entry.fed = True
 

@@ -466,6 +466,26 @@ async def test_a_turn_is_not_ended_before_the_words_a_dying_connection_owed_are_
     assert outcome.fault_at is not None and outcome.recovered_at[0] - outcome.fault_at > USER_SPEECH_TIMEOUT
 
 
+async def test_the_pipeline_ends_with_every_word_when_the_connection_is_half_open_at_its_end() -> None:
+    """The EndFrame follows the caller's last words into a half-open socket: once the stall is found
+    out, the fresh connection gets the words not final and the EndFrame, finalizes them, and the
+    pipeline ends (it is not left waiting for an EndFrame the dead instance never passed on)."""
+    caller = Caller(CALL[:1], ms_per_char=MS_PER_CHAR)
+    stall = message_at(DEEPGRAM, word(caller, "book", 0).start + 0.05)
+    async with DEEPGRAM.emulator(FaultPlan(Fault.stall(after_audio_received=stall))) as emulator:
+        stt = ResilientSTT(DEEPGRAM.factory(emulator), retry=NO_WAIT, **OPTIONS)
+        run = STTScenario(stt, user_speech_timeout=USER_SPEECH_TIMEOUT)
+        await run.start()
+        try:
+            await run.speak(caller)
+            await run.end(timeout=TIMEOUT)
+        finally:
+            await run.cancel()
+            await emulator.stop()
+    assert run.final_words == caller.words
+    assert run.errors == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS, ids=[p.name for p in PROVIDERS])
 async def test_a_half_open_replacement_is_found_out_while_the_caller_is_silent(provider: Provider) -> None:
     """The provider is down: the replacement's handshake completes, then it never says a word (not even
