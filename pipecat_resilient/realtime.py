@@ -384,13 +384,8 @@ class ResilientRealtimeLLM(ResilientLLM):
             self._session.user_transcribed(frame.text)
         await super()._on_instance_upstream(hosted, frame)
 
-    # A stock session service can take tens of ms to build (google-genai loads
-    # its CA bundle): one of each provider is built ahead of time, in a thread.
-    _spare_instance = True
-
     def _before_connect(self, hosted: Hosted[LLMService]) -> None:
-        # The next instance of this provider is built now, off the event loop.
-        self.create_task(self._host.replenish(hosted.provider), name="spare")
+        super()._before_connect(hosted)  # the next instance of its provider is built now
         if self._probing():
             return  # a probe: the handshake and the setup, nothing else
         adapter = self._provider

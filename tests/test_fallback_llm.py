@@ -9,6 +9,7 @@ wrote into the context, which endpoint answered what, and the events raised.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -189,3 +190,39 @@ async def test_a_failed_probe_answer_moves_back_to_the_fallback_before_any_text(
         assert [r.index for r in primary.requests] == [0, 1]  # the cut answer, the refused probe
         # Taking it back proved nothing (HTTP: nothing was connected); the refused answer did.
         assert await store.state(name) is not Health.CLOSED
+
+
+async def test_the_fallback_endpoint_is_built_ahead_of_time_not_on_the_event_loop_at_the_switch() -> None:
+    """Building an OpenAILLMService takes tens of ms (its SDK loads a CA bundle): the switch takes the
+    instance built at construction, and the next one is built in a worker thread."""
+    built_on_loop: list[bool] = []
+
+    async with (
+        OpenAIEmulator(plan=FaultPlan(Fault.abort(after_audio_chunks=3))) as primary,
+        OpenAIEmulator() as backup,
+    ):
+        make = endpoint(backup)
+
+        def build() -> OpenAILLMService:
+            built_on_loop.append(threading.current_thread() is threading.main_thread())
+            return make()
+
+        llm = ResilientLLM(
+            endpoint(primary),
+            fallbacks=[build],
+            retry=NO_WAIT,
+            health=LocalHealthStore(policy=BreakerPolicy(failures=1)),
+        )
+        assert built_on_loop == [True, True]  # at construction, to check the factory
+        switches, _ = record_switches(llm)
+        run = LLMScenario(llm, context=LLMContext())
+        await run.start()
+        await run.ask(QUESTION)
+        await run.wait_until(lambda: run.responses_ended >= 1, 10.0)
+        await run.end()
+        async with asyncio.timeout(10.0):
+            while len(built_on_loop) < 3:  # the next one, in a worker thread
+                await asyncio.sleep(0.01)
+        assert switches == [("OpenAILLMService", "OpenAILLMService#2")]
+        assert run.responses == [ANSWER] and run.errors == []
+        assert built_on_loop == [True, True, False]
