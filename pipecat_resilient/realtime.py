@@ -891,19 +891,19 @@ class ResilientRealtimeLLM(ResilientLLM):
 
         Returns:
             True once ``fresh`` is live; False when the conversation went on
-            while ``fresh`` was being given it (it holds an old state), or
-            ``fresh`` failed meanwhile; None when ``old`` is no longer live,
-            or the processor ended. Unless True, ``fresh`` is retired.
+            while ``fresh`` was being given it (it holds an old state: try
+            again); None when ``old`` is no longer live, the processor ended,
+            or ``fresh`` failed meanwhile. Unless True, ``fresh`` is retired.
         """
-        if self._live is not old or self._ended:
-            self._host.retire(fresh)
-            return None
         if (
-            self._session.version != version
-            or not at_boundary(old)
+            self._live is not old
+            or self._ended
             or fresh.failures
             or fresh.state is not HostedState.CONNECTING
         ):
+            self._host.retire(fresh)
+            return None
+        if self._session.version != version or not at_boundary(old):
             self._host.retire(fresh)
             return False
         # Nothing is in flight at a turn boundary.
