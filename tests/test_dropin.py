@@ -20,7 +20,6 @@ from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
-    Frame,
     LLMServiceMetadataFrame,
     LLMUpdateSettingsFrame,
     ManuallySwitchServiceFrame,
@@ -36,7 +35,7 @@ from pipecat.observers.loggers.llm_log_observer import LLMLogObserver
 from pipecat.pipeline.llm_switcher import LLMSwitcher
 from pipecat.pipeline.service_switcher import ServiceSwitcher
 from pipecat.processors.aggregators.llm_context import LLMContext
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from pipecat.services.llm_service import FunctionCallParams, LLMService
 from pipecat.services.openai.llm import OpenAILLMService
@@ -52,7 +51,7 @@ from pipecat_resilient.testing import (
     OpenAIEmulator,
     Scenario,
 )
-from pipecat_resilient.testing.llm_harness import LLMScenario
+from pipecat_resilient.testing.llm_harness import DownstreamRecorder, LLMScenario
 
 from .conftest import SAMPLE_RATE, UNIT
 
@@ -401,26 +400,12 @@ async def test_tts_properties(kind: str) -> None:
             assert tts.can_generate_metrics()
 
 
-class Recorder(FrameProcessor):
-    """Passes every frame on, keeping the downstream ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames: list[Frame] = []
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if direction is FrameDirection.DOWNSTREAM:
-            self.frames.append(frame)
-        await self.push_frame(frame, direction)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 async def test_tts_frames_go_to_the_services_transport_destination(kind: str) -> None:
     """With ``transport_destination=``, the audio, start, stop and word frames all carry it."""
     async with ElevenLabsEmulator() as emulator:
         tts = make_tts(kind, emulator, transport_destination="speaker-2")
-        recorder = Recorder()
+        recorder = DownstreamRecorder()
         async with Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE), after=[recorder]) as run:
             await speak_all(run, TTSSpeakFrame("Two words."), utterances=1)
         kinds = (TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame, TTSTextFrame)
