@@ -9,6 +9,7 @@ import pytest
 from pipecat_resilient.chaos import (
     FAULT_KINDS,
     ChaosConfig,
+    ChaosReport,
     TurnResult,
     excuse_interruption_boundaries,
     format_table,
@@ -93,7 +94,7 @@ async def test_every_provider_passes_the_bench(provider: str, tmp_path) -> None:
     await _passes(config, tmp_path)
 
 
-async def _passes(config: ChaosConfig, tmp_path) -> None:
+async def _passes(config: ChaosConfig, tmp_path) -> ChaosReport:
     report = await run_chaos(config, stock=False)
     resilient = report.resilient
     assert {t.fault for t in report.schedule if t.fault} == set(FAULT_KINDS)
@@ -118,6 +119,7 @@ async def _passes(config: ChaosConfig, tmp_path) -> None:
     fired = {t.fault for t in resilient.turns if t.fault_at is not None and t.recovered_at is not None}
     assert set(by_kind) == fired and fired
     assert sum(stats["n"] for stats in by_kind.values()) == data["resilient"]["recovery_s"]["n"]
+    return report
 
 
 async def test_with_a_standby_recoveries_take_over_on_it(tmp_path) -> None:
@@ -130,7 +132,7 @@ async def test_with_a_standby_recoveries_take_over_on_it(tmp_path) -> None:
         out=tmp_path,
         standby=True,
     )
-    await _passes(config, tmp_path)
+    report = await _passes(config, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     resilient = data["resilient"]
     assert resilient["standby"] is True
@@ -140,4 +142,4 @@ async def test_with_a_standby_recoveries_take_over_on_it(tmp_path) -> None:
     # finds one ready).
     assert resilient["faults"] >= config.faults - 2  # a slowed first audio, and an error, may not fire
     assert resilient["standbys_used"] >= resilient["faults"] - 1
-    assert "taken over by the standby" in format_table(await run_chaos(config, stock=False))
+    assert "taken over by the standby" in format_table(report)
