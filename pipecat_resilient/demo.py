@@ -4,7 +4,9 @@ Runs each case twice at once, on two embedded ElevenLabs emulators with the
 same fault plan: once with the stock ``ElevenLabsTTSService`` and once with
 the same service inside :class:`~pipecat_resilient.tts.ResilientTTS`. Prints
 what each listener heard (decoded from the audio), what each LLM context
-recorded, and the dead air. No keys, no network.
+recorded, and the dead air. No keys, no network. The LLM cases are in
+:mod:`pipecat_resilient.demo_llm`, the speech-to-text case (a Deepgram socket
+closed mid-turn) in :mod:`pipecat_resilient.demo_stt`.
 """
 
 from __future__ import annotations
@@ -210,7 +212,12 @@ def _print_case(
 
 
 async def run_demo(
-    *, realtime: bool = True, ms_per_char: float = 25.0, out: Callable[[str], None] = print, llm: bool = True
+    *,
+    realtime: bool = True,
+    ms_per_char: float = 25.0,
+    out: Callable[[str], None] = print,
+    llm: bool = True,
+    stt: bool = True,
 ) -> list[tuple[SideResult, SideResult]]:
     """Run every case on both sides and print the comparison.
 
@@ -220,10 +227,11 @@ async def run_demo(
         ms_per_char: Speech rate of the emulated voice.
         out: Where to print.
         llm: Run the LLM cases too (OpenAI stream, Gemini Live session).
+        stt: Run the speech-to-text case too (Deepgram, a socket closed mid-turn).
 
     Returns:
         ``(stock, resilient)`` results per TTS case; the LLM cases' results are
-        in :attr:`last_llm_results`.
+        in :attr:`last_llm_results`, the STT case's in :attr:`last_stt_results`.
     """
     out("pipecat-resilient demo: stock Pipecat vs ResilientTTS, same provider faults, local emulators")
     out("(what was heard is decoded from the audio that reached the end of each pipeline)")
@@ -267,11 +275,22 @@ async def run_demo(
                 f"LLM, stock: {stock_done} of {len(llm_pairs)} answers delivered whole.  "
                 f"resilient: {resilient_done} of {len(llm_pairs)}."
             )
+    last_stt_results.clear()
+    if stt:
+        from pipecat_resilient.demo_stt import run_stt_case
+
+        out("")
+        out("STT: DeepgramSTTService")
+        index = len(CASES) + len(last_llm_results) + 1
+        last_stt_results.append(await run_stt_case(realtime=realtime, out=out, index=index))
     return pairs
 
 
 last_llm_results: list[Any] = []
 """The LLM cases' ``(stock, resilient)`` results of the last :func:`run_demo`."""
+
+last_stt_results: list[Any] = []
+"""The STT case's ``(stock, resilient)`` result of the last :func:`run_demo`."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,4 +316,5 @@ def main(argv: list[str] | None = None) -> int:
     pairs = asyncio.run(run_demo(realtime=not args.fast))
     tts_ok = all(r.words.honest and r.errors == 0 for _, r in pairs)
     llm_ok = all(r.complete for _, r in last_llm_results)
-    return 0 if tts_ok and llm_ok else 1
+    stt_ok = all(r.clean for _, r in last_stt_results)
+    return 0 if tts_ok and llm_ok and stt_ok else 1

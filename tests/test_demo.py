@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pipecat_resilient.__main__ import main
-from pipecat_resilient.demo import last_llm_results, run_demo
+from pipecat_resilient.demo import last_llm_results, last_stt_results, run_demo
+from pipecat_resilient.demo_stt import run_stt_case
 
 
 async def test_demo_shows_the_difference() -> None:
@@ -21,6 +22,23 @@ async def test_demo_shows_the_difference() -> None:
     for stock, resilient in last_llm_results:
         assert not stock.complete
         assert resilient.complete
+    # The STT case: a Deepgram socket closed mid-turn.
+    assert len(last_stt_results) == 1
+    assert last_stt_results[0][1].clean
+
+
+async def test_demo_stt_case_keeps_the_turn_whole() -> None:
+    """A Deepgram socket closed with 1011 mid-turn: resilient commits every word once, in one turn."""
+    lines: list[str] = []
+    stock, resilient = await run_stt_case(realtime=False, out=lines.append, index=1)
+    assert resilient.clean
+    assert resilient.context == resilient.said and len(resilient.said) > 5
+    assert resilient.lost == [] and resilient.extra == []
+    assert resilient.turns == 1 and resilient.errors == 0
+    assert stock.said == resilient.said
+    # The stock service drops the audio while it waits out its reconnect backoff.
+    assert stock.lost
+    assert any(line.startswith("STT, stock:") and "every word in the context once" in line for line in lines)
 
 
 def test_cli_usage() -> None:
