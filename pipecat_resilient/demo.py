@@ -1,4 +1,4 @@
-"""The side-by-side demo: stock Pipecat and ResilientTTS under the same dropped socket.
+"""The side-by-side demo: stock Pipecat and the resilient processors under the same provider faults.
 
 Runs each case twice at once, on two embedded ElevenLabs emulators with the
 same fault plan: once with the stock ``ElevenLabsTTSService`` and once with
@@ -233,7 +233,7 @@ async def run_demo(
         ``(stock, resilient)`` results per TTS case; the LLM cases' results are
         in :attr:`last_llm_results`, the STT case's in :attr:`last_stt_results`.
     """
-    out("pipecat-resilient demo: stock Pipecat vs ResilientTTS, same provider faults, local emulators")
+    out("pipecat-resilient demo: stock Pipecat vs the resilient processors, same faults, local emulators")
     out("(what was heard is decoded from the audio that reached the end of each pipeline)")
     results = await asyncio.gather(
         *[
