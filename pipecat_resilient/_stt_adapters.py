@@ -19,6 +19,13 @@ nothing repeated reaches the pipeline (no transcript, no turn event).
 * AssemblyAI (``AssemblyAISTTService``, streaming v3): the instance's
   ``_handle_message`` and ``_connect_websocket`` are wrapped; closes and
   aborts reach the shell as Pipecat's own error frames.
+* Deepgram Flux (``DeepgramFluxSTTService``, ``/v2/listen``): the instance's
+  ``_handle_message``, ``_connect_websocket`` and ``_end_turn_cut_short`` are
+  wrapped. Flux owns the turns and never answers a finalize: its
+  ``EndOfTurn`` (``audio_window_end``) is the finalized position, and a turn
+  cut by a drop is not ended early with the words heard so far (the stock
+  service's ``_end_turn_cut_short``): the replay gives it whole to the fresh
+  connection.
 * Any other ``STTService``: recovered and replayed from the last acknowledged
   finalize, without time-based deduplication or a stall watchdog (no word
   timings or messages are observed).
@@ -37,7 +44,14 @@ from websockets.protocol import State as SocketState
 from pipecat_resilient._hosting import Hosted
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception, classify_status
 
-__all__ = ["AssemblyAIAdapter", "DeepgramAdapter", "STTAdapter", "Shell", "adapter_for"]
+__all__ = [
+    "AssemblyAIAdapter",
+    "DeepgramAdapter",
+    "DeepgramFluxAdapter",
+    "STTAdapter",
+    "Shell",
+    "adapter_for",
+]
 
 
 class Shell(Protocol):
@@ -402,12 +416,67 @@ class AssemblyAIAdapter(STTAdapter):
         return len(buffered) / (2 * rate)
 
 
+# ----------------------------------------------------------------------
+# Deepgram Flux
+# ----------------------------------------------------------------------
+
+
+class DeepgramFluxAdapter(STTAdapter):
+    """``DeepgramFluxSTTService`` (Flux turn-taking websocket, ``/v2/listen``)."""
+
+    name = "deepgram-flux"
+    # A turn ends after silence: the audio after its EndOfTurn is silence or
+    # the next turn, which the replay must give whole.
+    replay_margin_s = 0.0
+
+    @staticmethod
+    def applies_to(service: object) -> bool:
+        """Whether ``service`` is Deepgram's Flux STT service (websocket transport)."""
+        return _is(service, "DeepgramFluxSTTService", "pipecat.services.deepgram.flux")
+
+    def install(self, hosted: Hosted[Any], shell: Shell) -> None:
+        """Wrap the instance's message handler, its websocket connect, and its cut-short turn end."""
+        service: Any = hosted.service
+        handle = service._handle_message
+
+        async def handle_observed(data: Any) -> None:
+            if isinstance(data, dict) and data.get("type") == "TurnInfo" and data.get("event") == "EndOfTurn":
+                # Flux committed the turn: the audio up to the end of its
+                # window is final (Flux gives no word timings).
+                end = data.get("audio_window_end")
+                if isinstance(end, (int, float)) and not isinstance(end, bool):
+                    shell.transcript(hosted, [], end=float(end), final=True)
+            await handle(data)
+
+        connect = service._connect_websocket
+
+        async def connect_observed() -> None:
+            websocket = service._websocket
+            await connect()
+            opened = service._websocket
+            if opened is not None and opened is not websocket and opened.state is SocketState.OPEN:
+                shell.stream_opened(hosted)
+
+        async def end_turn_cut_short_observed() -> None:
+            # The stock service ends a turn whose connection closed with the
+            # words of its last Update, unfinalized, and a turn stop; the
+            # shell replays the turn's audio into a fresh connection instead,
+            # which ends it whole. Only its state is reset here.
+            service._user_is_speaking = False
+            service._turn_transcript = ""
+            service._clear_eager_end_of_turn()
+
+        service._handle_message = handle_observed
+        service._connect_websocket = connect_observed
+        service._end_turn_cut_short = end_turn_cut_short_observed
+
+
 def _format_turns(service: Any) -> bool:
     settings = getattr(service, "_settings", None)
     return bool(getattr(settings, "format_turns", False) is True)
 
 
-_ADAPTERS: tuple[type[STTAdapter], ...] = (DeepgramAdapter, AssemblyAIAdapter)
+_ADAPTERS: tuple[type[STTAdapter], ...] = (DeepgramAdapter, AssemblyAIAdapter, DeepgramFluxAdapter)
 
 
 def adapter_for(service: object) -> STTAdapter:

@@ -148,7 +148,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             provider has not finalized it; the oldest goes first, with a warning.
         replay_margin: Seconds before the end of the last finalized result a
             replay starts (so that no word is cut in half); the provider
-            adapter's choice when None (Deepgram 0.2, AssemblyAI 0).
+            adapter's choice when None (Deepgram 0.2, AssemblyAI and Flux 0).
         stop_hold_timeout: Seconds a VAD stop is held back at most, waiting
             for the speech before it to be final (through a recovery too)
             before it passes on and the turn it ends may be committed without
@@ -243,7 +243,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
 
     @property
     def adapter(self) -> str:
-        """The provider adapter in use (``"deepgram"``, ``"assemblyai"`` or ``"generic"``)."""
+        """The provider adapter in use (``"deepgram"``, ``"assemblyai"``, ``"deepgram-flux"``, ...)."""
         assert self._adapter is not None
         return self._adapter.name
 

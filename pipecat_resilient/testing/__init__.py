@@ -26,6 +26,8 @@ from the audio itself.
   their audio, error events with the socket open, and the 60-minute session limit.
 * :class:`DeepgramSTTEmulator` - Deepgram's live transcription websocket (``/v1/listen``):
   it transcribes the speech code it receives, with finals grouped and held back.
+* :class:`DeepgramFluxEmulator` - Deepgram Flux's turn-taking websocket (``/v2/listen``):
+  ``StartOfTurn``, ``Update`` and ``EndOfTurn`` of the speech code it receives.
 * :class:`AssemblyAIEmulator` - AssemblyAI's streaming v3 websocket.
 * :class:`Caller`, :class:`STTScenario` - a caller speaking a script into a
   speech-to-text processor, and what reached the transcripts and the context.
@@ -49,6 +51,7 @@ from the audio itself.
 
 from pipecat_resilient.testing.assemblyai import AssemblyAIEmulator
 from pipecat_resilient.testing.cartesia import CartesiaEmulator
+from pipecat_resilient.testing.deepgram_flux import DeepgramFluxEmulator
 from pipecat_resilient.testing.deepgram_stt import DeepgramSTTEmulator
 from pipecat_resilient.testing.deepgram_tts import DeepgramTTSEmulator
 from pipecat_resilient.testing.elevenlabs import ElevenLabsEmulator
@@ -67,6 +70,7 @@ __all__ = [
     "Caller",
     "CartesiaEmulator",
     "ChatToolCall",
+    "DeepgramFluxEmulator",
     "DeepgramSTTEmulator",
     "DeepgramTTSEmulator",
     "ElevenLabsEmulator",
