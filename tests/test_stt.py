@@ -392,12 +392,12 @@ def real_time() -> dict[tuple[str, str], Outcome]:
 
 
 # Closes and aborts are recovered within this of the fault: detection, a
-# fresh instance, the emulator's connect, and the replay sent. The target is
-# 50 ms on top of the connect: measured 7 to 40 ms here (eleven real-time calls
-# side by side on 2 cores), p50 6-8 ms and max 15 ms alone
-# (benchmarks/stt_recovery.py). The bound is 4x the target, for a test run that
-# shares the machine; the stock services take 4 s, or never.
-RECOVERY_BOUND_S = 0.2
+# fresh instance, the emulator's connect, and the replay sent. The target (50
+# ms on top of the connect) is measured by benchmarks/stt_recovery.py (p50 6-8
+# ms, p95 8-11 ms); 7 to 40 ms here (eleven real-time calls side by side on 2
+# cores), but a loaded CI machine once took 200 ms. This bound only tells a
+# prompt reconnect from the stock services' (4 s of backoff, or never).
+RECOVERY_BOUND_S = 1.0
 
 
 @pytest.mark.parametrize("provider", [p.name for p in PROVIDERS])
