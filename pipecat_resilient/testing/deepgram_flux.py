@@ -48,17 +48,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Request, Response
-
-from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, WorkFailed
-from pipecat_resilient.testing.deepgram_stt import StreamRecord, StreamTranscriber, StreamWord
+from pipecat_resilient.testing._server import ConnectionState, WorkFailed
+from pipecat_resilient.testing.deepgram_stt import StreamRecord, StreamTranscriber, StreamWord, STTEmulator
 from pipecat_resilient.testing.faults import Fault, FaultPlan
-from pipecat_resilient.testing.speech import samples_per_char
 
 __all__ = ["DeepgramFluxEmulator"]
 
@@ -167,7 +161,7 @@ class _Flux:
         )
 
 
-class DeepgramFluxEmulator(WebsocketEmulator):
+class DeepgramFluxEmulator(STTEmulator):
     """Emulates Deepgram Flux's websocket (``/v2/listen``) on 127.0.0.1.
 
     Example::
@@ -185,6 +179,7 @@ class DeepgramFluxEmulator(WebsocketEmulator):
     """
 
     name = "DeepgramFluxEmulator"
+    path = PATH
     api_key_header = "Authorization"
 
     def __init__(
@@ -196,75 +191,19 @@ class DeepgramFluxEmulator(WebsocketEmulator):
         end_of_turn_ms: float = 300.0,
     ) -> None:
         """Create a stopped emulator."""
-        if ms_per_char <= 0:
-            raise ValueError("ms_per_char must be positive")
         if end_of_turn_ms <= 0:
             raise ValueError("end_of_turn_ms must be positive")
-        super().__init__(plan=plan, api_key=None if api_key is None else f"Token {api_key}")
-        self.ms_per_char = ms_per_char
+        super().__init__(
+            plan=plan, api_key=None if api_key is None else f"Token {api_key}", ms_per_char=ms_per_char
+        )
         self.end_of_turn_ms = end_of_turn_ms
-        self.streams: list[StreamRecord] = []
         self._sessions: dict[int, _Flux] = {}
-        self._changed = asyncio.Condition()
-
-    @property
-    def ws_url(self) -> str:
-        """The endpoint to give the stock service (``ws://127.0.0.1:PORT/v2/listen``)."""
-        return f"{self.url}{PATH}"
-
-    def samples_per_char(self, sample_rate: int | None = None) -> int:
-        """Samples per character at ``sample_rate`` (what the caller encodes with)."""
-        return samples_per_char(sample_rate or 16000, self.ms_per_char)
-
-    # -- what happened, for tests ------------------------------------------
-
-    def stream(self, connection: int = -1) -> StreamRecord:
-        """The record of a connection that was served (negative counts from the last).
-
-        Raises:
-            LookupError: If that connection was refused, or none was served.
-        """
-        index = self.connections[connection].index
-        for record in self.streams:
-            if record.index == index:
-                return record
-        raise LookupError(f"{self.name}: connection {index} was not served")
-
-    def words_finalized(self) -> list[str]:
-        """Every word of an ended turn, on every connection, in order."""
-        return [word for record in self.streams for word in record.words_finalized]
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds; checked after every message in or out.
-
-        Raises:
-            TimeoutError: If it does not hold within ``timeout`` seconds.
-        """
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
-
-    async def _signal(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    # -- handshake ---------------------------------------------------------
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        response = super()._process_request(connection, request)
-        if response is None and urlsplit(request.path).path != PATH:
-            record = self.connections[-1]
-            record.refused = 404
-            record.closed = True
-            return connection.respond(404, f"{self.name}: no such path\n")
-        return response
 
     # -- protocol ------------------------------------------------------------
 
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the Flux protocol on one connection."""
-        query = dict(parse_qsl(urlsplit(state.record.path).query))
-        record = StreamRecord(state.record.index, query, int(query.get("sample_rate", "16000")))
-        self.streams.append(record)
+        record = self._open_stream(state)
         flux = _Flux(self, record)
         self._sessions[id(state)] = flux
         try:

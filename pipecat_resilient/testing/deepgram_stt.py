@@ -513,7 +513,92 @@ class _Listen:
 # -- the emulator -------------------------------------------------------------
 
 
-class DeepgramSTTEmulator(WebsocketEmulator):
+class STTEmulator(WebsocketEmulator):
+    """What the speech-to-text emulators share: the endpoint, the streams served, waiting on them.
+
+    A subclass sets :attr:`path`, speaks its protocol in ``serve_connection``
+    (starting with :meth:`_open_stream`) and calls :meth:`_signal` after every
+    message in or out.
+
+    Args:
+        plan: Faults to inject.
+        api_key: The key the handshake must carry (as the provider's header
+            spells it); any key when None.
+        ms_per_char: Duration of one character of the caller's speech code.
+    """
+
+    path = ""
+    """The provider's endpoint; any other path is answered 404."""
+
+    def __init__(self, *, plan: FaultPlan | None, api_key: str | None, ms_per_char: float) -> None:
+        """Create a stopped emulator."""
+        if ms_per_char <= 0:
+            raise ValueError("ms_per_char must be positive")
+        super().__init__(plan=plan, api_key=api_key)
+        self.ms_per_char = ms_per_char
+        self.streams: list[StreamRecord] = []
+        self._changed = asyncio.Condition()
+
+    @property
+    def ws_url(self) -> str:
+        """The endpoint's URL (``ws://127.0.0.1:PORT`` and :attr:`path`)."""
+        return f"{self.url}{self.path}"
+
+    def samples_per_char(self, sample_rate: int | None = None) -> int:
+        """Samples per character at ``sample_rate`` (what the caller encodes with)."""
+        return samples_per_char(sample_rate or 16000, self.ms_per_char)
+
+    # -- what happened, for tests ------------------------------------------
+
+    def stream(self, connection: int = -1) -> StreamRecord:
+        """The :class:`StreamRecord` of a connection that was served (negative counts from the last).
+
+        Raises:
+            LookupError: If that connection was refused, or none was served.
+        """
+        index = self.connections[connection].index
+        for record in self.streams:
+            if record.index == index:
+                return record
+        raise LookupError(f"{self.name}: connection {index} was not served")
+
+    def words_finalized(self) -> list[str]:
+        """Every word finalized (a final result, an ended turn), on every connection, in order."""
+        return [word for record in self.streams for word in record.words_finalized]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; checked after every message in or out.
+
+        Raises:
+            TimeoutError: If it does not hold within ``timeout`` seconds.
+        """
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+
+    async def _signal(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- handshake ---------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = super()._process_request(connection, request)
+        if response is None and urlsplit(request.path).path != self.path:
+            record = self.connections[-1]
+            record.refused = 404
+            record.closed = True
+            return connection.respond(404, f"{self.name}: no such path\n")
+        return response
+
+    def _open_stream(self, state: ConnectionState) -> StreamRecord:
+        """Start the record of a connection being served (its query and sample rate)."""
+        query = dict(parse_qsl(urlsplit(state.record.path).query))
+        record = StreamRecord(state.record.index, query, int(query.get("sample_rate", "16000")))
+        self.streams.append(record)
+        return record
+
+
+class DeepgramSTTEmulator(STTEmulator):
     """Emulates Deepgram's live transcription websocket (``/v1/listen``) on 127.0.0.1.
 
     Example::
@@ -537,6 +622,7 @@ class DeepgramSTTEmulator(WebsocketEmulator):
 
     name = "DeepgramSTTEmulator"
     api_key_header = "Authorization"
+    path = PATH
 
     def __init__(
         self,
@@ -550,77 +636,26 @@ class DeepgramSTTEmulator(WebsocketEmulator):
         idle_timeout: float | None = None,
     ) -> None:
         """Create a stopped emulator."""
-        if ms_per_char <= 0:
-            raise ValueError("ms_per_char must be positive")
         if words_per_final < 1:
             raise ValueError("words_per_final must be at least 1")
         if lag < 0:
             raise ValueError("lag must not be negative")
         if idle_timeout is not None and idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive")
-        super().__init__(plan=plan, api_key=None if api_key is None else f"Token {api_key}")
-        self.ms_per_char = ms_per_char
+        super().__init__(
+            plan=plan, api_key=None if api_key is None else f"Token {api_key}", ms_per_char=ms_per_char
+        )
         self.words_per_final = words_per_final
         self.lag = lag
         self.revise_interims = revise_interims
         self.idle_timeout = idle_timeout
-        self.streams: list[StreamRecord] = []
         self._sessions: dict[int, _Listen] = {}
-        self._changed = asyncio.Condition()
-
-    def samples_per_char(self, sample_rate: int | None = None) -> int:
-        """Samples per character at ``sample_rate`` (what the caller encodes with)."""
-        return samples_per_char(sample_rate or 16000, self.ms_per_char)
-
-    # -- what happened, for tests ------------------------------------------
-
-    def stream(self, connection: int = -1) -> StreamRecord:
-        """The :class:`StreamRecord` of a connection that was served (negative counts from the last).
-
-        Raises:
-            LookupError: If that connection was refused, or none was served.
-        """
-        index = self.connections[connection].index
-        for record in self.streams:
-            if record.index == index:
-                return record
-        raise LookupError(f"{self.name}: connection {index} was not served")
-
-    def words_finalized(self) -> list[str]:
-        """Every word finalized, on every connection, in order."""
-        return [word for record in self.streams for word in record.words_finalized]
-
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds; checked after every message in or out.
-
-        Raises:
-            TimeoutError: If it does not hold within ``timeout`` seconds.
-        """
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
-
-    async def _signal(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    # -- handshake ---------------------------------------------------------
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        response = super()._process_request(connection, request)
-        if response is None and urlsplit(request.path).path != PATH:
-            record = self.connections[-1]
-            record.refused = 404
-            record.closed = True
-            return connection.respond(404, f"{self.name}: no such path\n")
-        return response
 
     # -- protocol ------------------------------------------------------------
 
     async def serve_connection(self, state: ConnectionState) -> None:
         """Speak the live transcription protocol on one connection."""
-        query = dict(parse_qsl(urlsplit(state.record.path).query))
-        record = StreamRecord(state.record.index, query, int(query.get("sample_rate", "16000")))
-        self.streams.append(record)
+        record = self._open_stream(state)
         session = _Listen(self, record)
         self._sessions[id(state)] = session
         activity = asyncio.Event()
