@@ -222,14 +222,7 @@ async def gemini_run(outage_seconds: float, switch_back: str, hold: float = 0.3)
             taken = kinds[: kinds.index("realtime_input")] if "realtime_input" in kinds else kinds
         after = [c for c in primary.connections if c.opened_at >= restored_at]
         return {
-            "words": len(expected),
-            "lost": len(words.lost),
-            "twice": len(words.repeated),
-            "honest": not (words.unheard_in_context or words.heard_not_in_context),
-            "errors": len(run.errors),
-            "dead_air": first_after - cut_at,
-            "fallback_own": median(own),
-            "probes_during": len(during),
+            **_shared_figures(expected, words, run.errors, first_after - cut_at, own, during),
             "billed_during": billed,
             "probe_sent": probe,
             "swap_sent": at_swap,
@@ -316,19 +309,28 @@ async def openai_run(outage_seconds: float, switch_back: str, hold: float = 0.3)
         answered_by_primary = [r for r in primary.requests if r.received_at >= restored_at and r.completed]
         back_at = answered_by_primary[0].received_at if answered_by_primary else None
         return {
-            "words": len(expected),
-            "lost": len(words.lost),
-            "twice": len(words.repeated),
-            "honest": not (words.unheard_in_context or words.heard_not_in_context),
-            "errors": len(run.errors),
-            "dead_air": first_after - cut_at,
-            "fallback_own": median(own),
-            "probes_during": len(during),
+            **_shared_figures(expected, words, run.errors, first_after - cut_at, own, during),
             "billed_during": sum(1 for r in during if r.chunks_sent),
             "fallback_requests": len(backup.requests) - first_backup,
             "back_after": back_at - restored_at if back_at is not None else None,
             "switches": [(old, new) for _, old, new, _ in switches],
         }
+
+
+def _shared_figures(
+    expected: list[str], words: Any, errors: list[Any], dead_air: float, own: list[float], during: list[Any]
+) -> dict[str, Any]:
+    """The figures both chains report: words, honesty, dead air, the fallback's own time, probes."""
+    return {
+        "words": len(expected),
+        "lost": len(words.lost),
+        "twice": len(words.repeated),
+        "honest": not (words.unheard_in_context or words.heard_not_in_context),
+        "errors": len(errors),
+        "dead_air": dead_air,
+        "fallback_own": median(own),
+        "probes_during": len(during),
+    }
 
 
 # -- report -----------------------------------------------------------------------------
