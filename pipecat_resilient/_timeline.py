@@ -233,8 +233,12 @@ class Text:
         offset = start - low
         lead = len(chunk) - offset - len(chunk[offset:].lstrip())
         if lead > MATCH_WINDOW_CHARS:
-            return self._find_token_slowly(word, start, end)
+            # More whitespace than the window holds: none of it can hold the
+            # word, so look from where the next word starts.
+            return self.find_token(word, self.next_word_start(start), end)
         limit = min(end, start + lead + MATCH_WINDOW_CHARS + len(word))
+        if limit <= start:
+            return None  # nothing to look in (the text that may hold it ends before)
         window = chunk[offset : limit - low]
         length = self._length
 
@@ -266,29 +270,6 @@ class Text:
             text = match.group(0)
             if whole(begin, len(text)) and _NOT_WORD.sub("", text).casefold() == wanted:
                 return token(begin)
-        return None
-
-    def _find_token_slowly(self, word: str, start: int, end: int) -> tuple[int, int] | None:
-        """:meth:`find_token` past more whitespace than a window holds (a slice per check)."""
-        limit = min(end, self.next_word_start(start) + MATCH_WINDOW_CHARS + len(word))
-        window = self.slice(start, limit)
-
-        def whole(begin: int, size: int) -> bool:
-            after = begin + size
-            return (begin == 0 or self._boundary(begin - 1)) and (after >= end or self._boundary(after))
-
-        wanted = _NOT_WORD.sub("", word).casefold()
-        position = window.find(word)
-        while position >= 0:
-            if whole(start + position, len(word)):
-                return start + position, self._word_end_from(start + position)
-            position = window.find(word, position + 1)
-        if not wanted:
-            return None
-        for match in _TOKEN.finditer(window):
-            begin = start + match.start()
-            if whole(begin, len(match.group(0))) and _NOT_WORD.sub("", match.group(0)).casefold() == wanted:
-                return begin, self._word_end_from(begin)
         return None
 
     def token_length(self, position: int) -> int:

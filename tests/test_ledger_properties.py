@@ -300,3 +300,68 @@ def test_without_a_rate_words_may_be_said_again_but_none_is_lost_and_the_context
     # Each word in the context was heard, in order.
     remaining = iter(heard_words)
     assert all(word in remaining for word in sim.context)
+
+
+_WORDS = ["a", "the", "then", "Hello,", "hello", "x", "world.", "wor"]
+
+
+def _find_in_string(text: str, word: str, start: int, end: int | None) -> tuple[int, int] | None:
+    """``Text.find_token``'s rule on a plain string: whole tokens only, from the next word on."""
+    import re
+
+    end = len(text) if end is None else min(end, len(text))
+    first = start
+    while first < len(text) and text[first].isspace():
+        first += 1
+    window = text[start : min(end, first + 64 + len(word))]
+
+    def spaced(p: int) -> bool:
+        return p <= 0 or p >= len(text) or text[p].isspace()
+
+    def whole(begin: int, size: int) -> bool:
+        return (begin == 0 or spaced(begin - 1)) and (begin + size >= end or spaced(begin + size))
+
+    def token(begin: int) -> tuple[int, int]:
+        match = re.compile(r"\S+").match(text, begin)
+        return begin, match.end() if match else begin
+
+    position = window.find(word)
+    while position >= 0:
+        if whole(start + position, len(word)):
+            return token(start + position)
+        position = window.find(word, position + 1)
+    wanted = re.sub(r"[^\w]+", "", word).casefold()
+    for match in re.finditer(r"\S+", window):
+        begin = start + match.start()
+        if wanted and whole(begin, len(match.group(0))):
+            if re.sub(r"[^\w]+", "", match.group(0)).casefold() == wanted:
+                return token(begin)
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(
+        st.tuples(st.sampled_from(_WORDS), st.sampled_from([1, 2, 70, 150])), min_size=1, max_size=10
+    ),
+    chunks=st.lists(st.integers(min_value=3, max_value=700), min_size=1, max_size=20),
+    word=st.sampled_from(_WORDS),
+    data=st.data(),
+)
+def test_a_timed_word_is_found_in_chunked_text_as_in_the_plain_string(
+    tokens: list[tuple[str, int]], chunks: list[int], word: str, data: st.DataObject
+) -> None:
+    """The one-window search over chunks finds what a search of the joined string finds,
+    past runs of whitespace longer than the window and with the text ending before the next word."""
+    from pipecat_resilient._timeline import Text
+
+    text = "".join(token + " " * spaces for token, spaces in tokens)
+    chunked, at = Text(), 0
+    for size in chunks * (len(text) // 3 + 1):
+        if at >= len(text):
+            break
+        chunked.append(text[at : at + size])
+        at += size
+    start = data.draw(st.integers(min_value=0, max_value=len(text) - 1))
+    end = data.draw(st.none() | st.integers(min_value=0, max_value=len(text)))
+    assert chunked.find_token(word, start, end) == _find_in_string(text, word, start, end)
