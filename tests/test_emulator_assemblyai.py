@@ -196,6 +196,23 @@ async def test_each_connection_has_its_own_stream_time_and_faults() -> None:
     assert emulator.words_finalized() == ["Fresh", "start."]
 
 
+async def test_a_stream_that_starts_inside_a_word_times_its_tail_by_the_audio_it_had() -> None:
+    """A connection whose audio starts in the last character of a word (a replay from a chunk holding
+    the end of a word already final) transcribes the tail where its audio lies: 2 ms of ".", not a
+    whole 10 ms character, so a client that drops repeats by time sees it lies before the cut."""
+    tail = pcm("table.")[-64:]  # the last 2 ms of the "."
+    async with AssemblyAIEmulator() as emulator:
+        async with connect(ws_url(emulator, speech_model=U3_PRO, max_turn_silence=100)) as ws:
+            await send_audio(ws, tail + silence(0.2) + pcm("For four.") + silence(0.2))
+            messages = await receive_until(ws, lambda m: formatted_end(m) and m["turn_order"] == 1)
+    first, second = (m for m in messages if formatted_end(m))
+    assert [(w["text"], w["start"], w["end"]) for w in first["words"]] == [(".", 0, 2)]
+    assert [(w["text"], w["start"], w["end"]) for w in second["words"]] == [
+        ("For", 202, 232),
+        ("four.", 242, 292),
+    ]
+
+
 # -- the stock service, without faults ----------------------------------------
 
 SCRIPT = [

@@ -55,6 +55,21 @@ def test_word_ending_exactly_at_a_chunk_edge_is_heard() -> None:
     assert decoder.heard() == ["one", "two"]
 
 
+def test_a_character_cut_short_spans_only_the_samples_it_had() -> None:
+    """A stream that starts inside a word's last character (a replay from a chunk holding the end of
+    a word) decodes its tail, spanning the samples it had, not a whole character; so does a word
+    whose audio stops inside a character."""
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("fine.")[-2 * 48 :] + b"\x00\x00" * 100 + pcm("Next"))
+    assert [(w.text, w.complete, w.offset, w.end) for w in decoder.words] == [
+        (".", True, 0, 48),
+        ("Next", True, 148, 148 + 4 * SPC),
+    ]
+    decoder = SpeechDecoder(SPC)
+    decoder.feed(pcm("Hello")[: 2 * (2 * SPC + 30)])
+    assert [(w.text, w.complete, w.offset, w.end) for w in decoder.words] == [("Hel", False, 0, 2 * SPC + 30)]
+
+
 def test_silence_is_skipped() -> None:
     """Zero samples (silence) between words decode to nothing."""
     decoder = SpeechDecoder(SPC)

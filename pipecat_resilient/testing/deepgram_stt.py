@@ -82,7 +82,7 @@ from websockets.http11 import Request, Response
 
 from pipecat_resilient.testing._server import ConnectionState, WebsocketEmulator, WorkFailed
 from pipecat_resilient.testing.faults import Fault, FaultPlan
-from pipecat_resilient.testing.speech import SpeechDecoder, samples_per_char
+from pipecat_resilient.testing.speech import HeardWord, SpeechDecoder, samples_per_char
 
 __all__ = ["DeepgramSTTEmulator", "StreamRecord", "StreamTranscriber", "StreamWord"]
 
@@ -103,7 +103,8 @@ class StreamWord:
     Parameters:
         text: The word as spoken, punctuation included.
         start: Seconds from the start of the connection's stream.
-        end: Seconds from the start of the stream to the end of its last character.
+        end: Seconds from the start of the stream to the end of its last
+            character (of the part of it the stream carried).
         offset: The sample it starts at: its identity in the stream.
         complete: False for a fragment, a word whose end never came.
     """
@@ -218,7 +219,7 @@ class StreamTranscriber:
     def words(self) -> list[StreamWord]:
         """Every word heard so far, final or not, without the one being spoken."""
         decoded = self._decoder.words
-        words = [self._word(heard.text, heard.offset, heard.complete) for heard in decoded]
+        words = [self._word(heard) for heard in decoded]
         if decoded and not decoded[-1].complete and not self._trailing_zeros:
             words.pop()  # still being spoken
         return words
@@ -241,9 +242,12 @@ class StreamTranscriber:
         decoded = self._decoder.words
         return bool(decoded) and not decoded[-1].complete and not self._trailing_zeros
 
-    def _word(self, text: str, offset: int, complete: bool) -> StreamWord:
-        end = offset + len(text) * self.spc
-        return StreamWord(text, offset / self.sample_rate, end / self.sample_rate, offset, complete)
+    def _word(self, heard: HeardWord) -> StreamWord:
+        # Timed by the samples the word's audio took: the tail of a word cut
+        # by the start of the stream (a replay that begins inside it) ends
+        # where its audio did, not a whole character later.
+        rate = self.sample_rate
+        return StreamWord(heard.text, heard.offset / rate, heard.end / rate, heard.offset, heard.complete)
 
 
 @dataclass

@@ -17,7 +17,9 @@ Sample layout (little-endian signed 16-bit, always positive)::
 A word is *heard* when all of its characters were played, its last one
 included. A word whose audio was cut off (by a dropped socket or an
 interruption) is a *fragment*: a listener heard part of it. Zero samples are
-silence and are skipped.
+silence and are skipped. A decoded word spans the samples its audio took in
+the stream: a character cut short (a stream that starts inside it, or ends
+inside it) still decodes, but only the samples it had count toward the word.
 """
 
 from __future__ import annotations
@@ -121,11 +123,14 @@ class HeardWord:
         text: The characters heard.
         complete: Whether the whole word was heard (False for a fragment).
         offset: Sample index, in the decoded stream, where it began.
+        end: Sample index, in the decoded stream, just past its last sample
+            (a character cut short counts only the samples it had).
     """
 
     text: str
     complete: bool
     offset: int
+    end: int
 
 
 @dataclass
@@ -148,6 +153,7 @@ class SpeechDecoder:
     _done: list[HeardWord] = field(default_factory=list)
     _current: list[str] = field(default_factory=list)
     _current_offset: int = 0
+    _current_end: int = 0
     _pending_byte: bytes = b""
 
     def feed(self, audio: bytes) -> None:
@@ -199,6 +205,7 @@ class SpeechDecoder:
         scratch = SpeechDecoder(self.spc)
         scratch._current = list(self._current)
         scratch._current_offset = self._current_offset
+        scratch._current_end = self._current_end
         if self._run_length:
             scratch._end_run(self._run_value, self._run_length, self._run_start)
         if scratch._current:
@@ -212,9 +219,13 @@ class SpeechDecoder:
         count = max(1, round(length / self.spc))
         char = chr(value & CODE_MASK)
         for index in range(count):
-            self._char(char, value, start + index * self.spc)
+            offset = start + index * self.spc
+            # The last character of the run ends where the run does: one cut
+            # short (the stream began or ended inside it) spans what it had.
+            end = start + length if index == count - 1 else offset + self.spc
+            self._char(char, value, offset, end)
 
-    def _char(self, char: str, value: int, offset: int) -> None:
+    def _char(self, char: str, value: int, offset: int, end: int) -> None:
         if char == " ":
             if self._current:
                 # A space after a word whose end was not heard: cut off.
@@ -226,9 +237,12 @@ class SpeechDecoder:
         if not self._current:
             self._current_offset = offset
         self._current.append(char)
+        self._current_end = end
         if value & (WORD_END | MESSAGE_END):
             self._emit(complete=True)
 
     def _emit(self, *, complete: bool) -> None:
-        self._done.append(HeardWord("".join(self._current), complete, self._current_offset))
+        self._done.append(
+            HeardWord("".join(self._current), complete, self._current_offset, self._current_end)
+        )
         self._current = []
