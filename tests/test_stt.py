@@ -445,6 +445,33 @@ def test_a_drop_mid_turn_with_provider_owned_turns_keeps_the_turn_whole(
     assert "min_turn_silence" not in outcome.queries[0]  # the provider's own turn detection
 
 
+async def test_a_replay_from_inside_the_last_word_of_a_final_turn_repeats_none_of_it() -> None:
+    """The case above, with the final of the first turn placed after the next VAD start.
+
+    AssemblyAI ends a turn after 1.28 s of silence (its default with provider-owned turns); the caller
+    speaks again 1.3 s after "table.". The 50 ms chunk whose silence ends the turn goes out with the
+    frame after the VAD start, so the final comes back while the caller speaks: what is final ends
+    with "table.", 10 ms into a 20 ms frame, and a drop in "people" replays from that frame (margin 0).
+    The fresh connection hears the last 10 ms of "." before its silence: a tail of a final word, which
+    is not transcribed again (the emulator once timed it as a whole character, and "." came out as a
+    turn of its own; the real-time case above hit it when the final came back late).
+    """
+    caller = Caller(CALL[:2], ms_per_char=MS_PER_CHAR, pause=1.3)
+    drop = message_at(ASSEMBLYAI, word(caller, "people", 1).start + 0.1)
+    outcome = await call(
+        ASSEMBLYAI,
+        FaultPlan(Fault.close(1011, after_audio_received=drop)),
+        caller,
+        pace=2.0,
+        service_options={"vad_force_turn_endpoint": False},
+        scenario_options={"user_turn_strategies": ExternalUserTurnStrategies()},
+    )
+    assert_whole(outcome, caller)
+    (report,) = outcome.recovered
+    table = word(caller, "table.", 0)
+    assert table.start < report.replay_from_s < table.end  # the replay started inside "table."
+
+
 # ----------------------------------------------------------------------
 # A connection that dies after the VAD stop, a replacement that never answers
 # ----------------------------------------------------------------------
