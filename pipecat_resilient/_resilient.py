@@ -375,9 +375,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         else:
             await self._route(frame, direction)
 
-    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM) -> None:
-        """Push a frame on, as a plain ``FrameProcessor`` (the hosted instance did the service's part)."""
-        await FrameProcessor.push_frame(self, frame, direction)
+    # A frame is pushed on as by a plain ``FrameProcessor``: the hosted
+    # instance did the service's part. Assigned rather than overridden, so
+    # that every frame costs no extra call.
+    push_frame = FrameProcessor.push_frame
 
     def can_generate_metrics(self) -> bool:
         """Whether the hosted service reports metrics (it does, under this processor's name)."""

@@ -286,7 +286,7 @@ class SpeakingRate:
     towards saying a word again, never towards skipping one.
     """
 
-    __slots__ = ("_chars", "_mean", "_m2", "_samples")
+    __slots__ = ("_chars", "_m2", "_mean", "_samples", "_slow")
 
     # An estimate needs a few samples before its spread means anything, or one
     # long one (a whole sentence, from a provider without word timings).
@@ -300,6 +300,9 @@ class SpeakingRate:
         self._mean = 0.0
         self._m2 = 0.0
         self._samples = 0
+        # slow() as last computed, by margin (asked for every piece of audio;
+        # it changes only with a sample).
+        self._slow: dict[float, float | None] = {}
 
     def assume(self, chars_per_second: float) -> None:
         """Start from a known rate (as if a few sentences at it had been measured).
@@ -315,6 +318,7 @@ class SpeakingRate:
         if chars <= 0 or seconds <= 0 or not math.isfinite(seconds):
             return
         value = seconds / chars
+        self._slow.clear()
         self._samples += 1
         self._chars += chars
         delta = value - self._mean
@@ -335,10 +339,16 @@ class SpeakingRate:
 
     def slow(self, *, margin: float = 0.0) -> float | None:
         """A slow bound on seconds per character: the mean plus two deviations, plus ``margin`` of it."""
-        if not self.known:
-            return None
-        spread = math.sqrt(max(0.0, self._m2 / self._chars))
-        return (self._mean + 2 * spread) * (1 + margin)
+        try:
+            return self._slow[margin]
+        except KeyError:
+            pass
+        value = None
+        if self.known:
+            spread = math.sqrt(max(0.0, self._m2 / self._chars))
+            value = (self._mean + 2 * spread) * (1 + margin)
+        self._slow[margin] = value
+        return value
 
     def fast(self) -> float | None:
         """A fast bound on seconds per character (how little audio some text may take)."""

@@ -532,17 +532,13 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
     async def _deliver(self, hosted: Hosted[TTSService], frame: Frame) -> None:
         """Record the evidence a frame carries, then pass it downstream."""
         ledger = self._ledger
+        if isinstance(frame, TTSAudioRawFrame):
+            # The most frequent frame by far: its own short path.
+            await self._deliver_audio(hosted, frame)
+            return
         ledger.frame_emerged(frame)
         context_id = getattr(frame, "context_id", None)
-        voiced: Utterance | None = None
-        if isinstance(frame, TTSAudioRawFrame):
-            channels = max(1, frame.num_channels)
-            seconds = len(frame.audio) / (2 * frame.sample_rate * channels)
-            # Measured only if an estimate needs it (with word timings, rarely).
-            silence = partial(silent_seconds, frame.audio, frame.sample_rate, channels)
-            voiced = ledger.audio_pushed(context_id, seconds, now=now(), silence=silence)
-            self._progress(hosted)
-        elif isinstance(frame, TTSTextFrame):
+        if isinstance(frame, TTSTextFrame):
             if frame.append_to_context and context_id in hosted.tracked_contexts:
                 # Pipecat's word (or sentence) frame: pushed when the provider's
                 # timing arrived, or forced at the context's end, audio or not.
@@ -584,10 +580,28 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         if context_id is not None and context_id in hosted.rewrite:
             frame.context_id = hosted.rewrite[context_id]  # type: ignore[attr-defined]
         await self.push_frame(frame)
-        if voiced is not None:
-            await self._emit_context_text(voiced)
         if ledger.blocked and hosted is self._live:
             # An utterance settled: a settings update waiting for it may go.
+            await self._feed_pending()
+
+    async def _deliver_audio(self, hosted: Hosted[TTSService], frame: TTSAudioRawFrame) -> None:
+        """Count a piece of audio as heard, pass it on, then tell the context the words it completed."""
+        # Audio fed in from upstream (a recording passed through) was journaled.
+        journaled = self._ledger.frame_emerged(frame)
+        context_id = frame.context_id
+        channels = max(1, frame.num_channels)
+        seconds = len(frame.audio) / (2 * frame.sample_rate * channels)
+        # Measured only if an estimate needs it (with word timings, rarely).
+        silence = partial(silent_seconds, frame.audio, frame.sample_rate, channels)
+        voiced = self._ledger.audio_pushed(context_id, seconds, now=now(), silence=silence)
+        if not hosted.produced:
+            self._progress(hosted)
+        if context_id is not None and context_id in hosted.rewrite:
+            frame.context_id = hosted.rewrite[context_id]
+        await self.push_frame(frame)
+        if voiced is not None:
+            await self._emit_context_text(voiced)
+        if journaled and self._ledger.blocked and hosted is self._live:
             await self._feed_pending()
 
     async def _emit_context_text(self, utterance: Utterance) -> None:

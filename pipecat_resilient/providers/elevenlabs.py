@@ -58,7 +58,10 @@ class ElevenLabsAdapter(TTSAdapter):
             if not isinstance(raw, str):
                 return
             raw = _without_audio(raw)
-            if not any(key in raw for key in _KEYS):
+            for key in _KEYS:
+                if key in raw:
+                    break
+            else:
                 return
             message = json.loads(raw)
             context_id = message.get("contextId") or message.get("context_id")
