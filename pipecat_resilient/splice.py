@@ -23,6 +23,11 @@ with the audio of words the user already heard cut out:
   dropped from the audio and handed back as *heard late*, for the context;
 * nothing else is ever dropped: a word the cut reply's transcription does not
   confirm, or one the user heard only in part, is played;
+* it decides as soon as the transcription shows where the continuation joins:
+  at the first word past the heard point, or at the last word of the cut
+  reply's transcription when the continuation repeated all of it from where
+  it joins (no word after that one can change what is dropped), so new audio
+  is not held for the transcription of a word that comes after it;
 * the hold is bounded: after ``hold`` seconds the splice decides with what it
   knows (words confirmed so far), so a late transcription costs at most that
   much delay, never a lost word.
@@ -308,6 +313,14 @@ class Splice:
             if not whole:
                 break  # still arriving
             repeated.append((begin, end, word))
+        if not beyond and words and last_whole and start + len(words) >= len(self._said_words):
+            # Every word of the cut reply from the alignment on was repeated:
+            # the next word of the continuation is past its transcription
+            # (new, and no word past it can move the alignment), so it is
+            # known now what the next word would show. Deciding at once saves
+            # waiting for that word's transcription, which may come well after
+            # its audio.
+            beyond = True
         if not repeated:
             if beyond or final:
                 self._settle(start, [], rate)

@@ -235,6 +235,53 @@ async def test_the_hold_is_what_keeps_a_restart_from_being_heard_twice() -> None
         assert run.listener.heard[-len(words(STORY)) :] == words(STORY)  # nothing lost
 
 
+async def test_a_restart_behind_its_transcription_plays_once_it_said_all_that_was_transcribed() -> None:
+    """Transcription two chunks behind its audio: decided at the last word the cut had transcribed.
+
+    The second reply is cut after "Once upon a time the" was heard, "Once" alone
+    transcribed; the model restarts. Its "Once" is dropped once its
+    transcription came (after the audio of "a tim"), and "upon " plays then,
+    before the next chunk of audio is even sent (not a piece later, a chunk of
+    audio later still): the word after "Once" is past what the cut had
+    transcribed, so it cannot change what is dropped.
+    """
+    greeting = "Hello there, how are you?"  # five chunks, heard whole: the speech rate
+    plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=5 + 4))
+    async with GeminiLiveEmulator(
+        script={"Hi.": greeting, QUESTION: STORY},
+        plan=plan,
+        transcription="after_audio",
+        continuation="restart",
+        realtime=True,
+        ms_per_char=20.0,  # 100 ms between audio chunks
+    ) as emulator:
+        llm = resilient(emulator, stall_timeout=2.0, first_token_timeout=2.0)
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            listener = run.listener
+            await run.start_conversation("Hi.")
+            await run.wait_until(lambda: listener.responses_ended == 1, 10.0)
+            run.context.add_message({"role": "user", "content": QUESTION})
+            await run.send(InputTextRawFrame(QUESTION))
+            await run.wait_until(lambda: len(emulator.connections) == 2, 10.0)
+            before = listener.audio_frames
+            sent_then: list[int] = []
+
+            def first_audio_after_the_cut() -> bool:
+                if listener.audio_frames > before and not sent_then:
+                    sent_then.append(emulator.sent_kinds(1).count("modelTurn"))
+                return bool(sent_then)
+
+            await run.wait_until(first_audio_after_the_cut, 10.0)
+            # The greeting, the cut reply (closed downstream), the restart.
+            await run.wait_until(lambda: listener.responses_ended == 3, 20.0)
+        # The restart's chunks "Once ", "upon ", "a tim" were sent; "e the" was not yet.
+        assert sent_then == [3]
+        heard = listener.heard
+        # "Once" is dropped; "upon a time the", heard but never transcribed, comes again.
+        assert heard == words(greeting) + words("Once upon a time") + words(STORY)[1:]
+        assert run.errors == []
+
+
 async def test_end_frame_does_not_wait_on_a_cut_reply() -> None:
     """The stock service defers an EndFrame 30 s behind a cut reply; here the pipeline ends at once."""
     async with GeminiLiveEmulator(script={QUESTION: STORY}, plan=FaultPlan(CUTS[0])) as emulator:

@@ -164,3 +164,76 @@ def test_nothing_heard_means_nothing_to_drop() -> None:
     splice = Splice(heard="", hold=0.3)
     feed(splice, STORY[:10])
     assert splice.decided and splice.drop_chars == 0
+
+
+def test_a_repeat_of_the_last_words_said_decides_with_its_last_word() -> None:
+    """The continuation repeated every word of the cut's transcription from where it joins: decided then.
+
+    Its next word is past that transcription, so nothing it can say moves the
+    splice; waiting for it (its transcription may come well after its audio)
+    would only hold the new audio back.
+    """
+    # Heard "Once upon a time" ("tim" transcribed before the cut), the rate known.
+    splice = Splice(heard="Once upon a ", tail="tim", heard_audio=16 * RATE, bytes_per_char=RATE, hold=0.3)
+    splice.held("a1", Held.AUDIO, size=5 * RATE, now=0.0)
+    splice.held("t1", Held.TRANSCRIPT, text="time", now=0.0)
+    assert not splice.decided  # "time" may be "timer": not yet whole
+    splice.held("t2", Held.TRANSCRIPT, text=" ", now=0.0)
+    assert splice.decided and (splice.drop_chars, splice.drop_bytes) == (5, 5 * RATE)
+    assert splice.heard_late == "time "
+    assert [r.skip for r in splice.releases()] == [5 * RATE, 4, 1]
+
+
+def test_a_restart_through_all_that_was_said_decides_with_its_last_word() -> None:
+    """A restart that has said every word of the cut's transcription, all heard: decided with the last one."""
+    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, bytes_per_char=RATE, hold=0.3)
+    feed(splice, "Once upon a time ")
+    assert splice.decided and (splice.drop_chars, splice.drop_bytes) == (17, 17 * RATE)
+    assert splice.heard_late == ""
+
+
+def test_a_repeat_short_of_what_was_said_still_waits_for_the_next_word() -> None:
+    """Words of the cut's transcription remain after the repeat: the next word may be one heard; it waits."""
+    # "Once upon a time " heard, and "the" transcribed and heard.
+    splice = Splice(
+        heard="Once upon a time ", tail="the", heard_audio=20 * RATE, bytes_per_char=RATE, hold=0.3
+    )
+    feed(splice, "Once upon a time ")
+    assert not splice.decided  # "the" (heard) or "there" (not all heard) comes next
+    feed(splice, "the ")
+    assert splice.decided and splice.drop_chars == len("Once upon a time the ")
+
+
+def _cut(said: str, space: int, cut: int) -> Splice:
+    """A reply cut after ``cut`` characters of audio, ``said`` transcribed (whole words to ``space``)."""
+    tail = said[space:]
+    return Splice(heard=said[:space], tail=tail, heard_audio=cut * RATE, bytes_per_char=RATE, hold=0.3)
+
+
+def test_deciding_early_decides_as_the_whole_continuation_would() -> None:
+    """Fed piece by piece, transcription with or behind its audio: decided as on all of it, ended."""
+    for cut in range(1, 40):
+        for transcribed in {cut, max(0, cut - 3)}:
+            said = STORY[:transcribed]
+            space = said.rfind(" ") + 1
+            repeat_from = STORY.rfind(" ", 0, max(0, space - 1)) + 1
+            for start in (space, 0, repeat_from):  # continue, restart, repeat the last word
+                text = STORY[start:]
+                for chunk in (1, 3, 5, 7):
+                    for lag in (0, 2):
+                        whole = _cut(said, space, cut)
+                        whole.held("t", Held.TRANSCRIPT, text=text, now=0.0)
+                        whole.held("a", Held.AUDIO, size=len(text) * RATE, now=0.0)
+                        whole.ended(now=0.0)
+                        early = _cut(said, space, cut)
+                        pieces = [text[i : i + chunk] for i in range(0, len(text), chunk)]
+                        for index in range(len(pieces) + lag):
+                            if index < len(pieces):
+                                early.held("a", Held.AUDIO, size=len(pieces[index]) * RATE, now=0.0)
+                            if index >= lag:
+                                early.held("t", Held.TRANSCRIPT, text=pieces[index - lag], now=0.0)
+                        early.ended(now=0.0)
+                        case = (cut, transcribed, start, chunk, lag)
+                        assert early.drop_chars == whole.drop_chars, case
+                        assert early.drop_bytes == whole.drop_bytes, case
+                        assert early.heard_late == whole.heard_late, case
