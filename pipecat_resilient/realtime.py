@@ -56,6 +56,7 @@ session's age):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -415,7 +416,9 @@ class ResilientRealtimeLLM(ResilientLLM):
         service = hosted.service
         adapter = self._provider
         adapter.name_tool_calls(service, self._tool_names)
-        failure = await self._until(hosted, hosted.ready.is_set, "the session did not open")
+        failure = await self._until(
+            hosted, hosted.ready.is_set, "the session did not open", wake=hosted.ready
+        )
         if failure is None and self._probing():
             # Nothing but the setup: no conversation, no request the
             # provider bills. It is seeded at the turn boundary it takes over at.
@@ -459,13 +462,28 @@ class ResilientRealtimeLLM(ResilientLLM):
         return failure
 
     async def _until(
-        self, hosted: Hosted[LLMService], condition: Callable[[], bool], what: str
+        self,
+        hosted: Hosted[LLMService],
+        condition: Callable[[], bool],
+        what: str,
+        *,
+        wake: asyncio.Event | None = None,
     ) -> Failure | None:
-        """Wait until ``condition()`` or a failure, within the attempt's timeout."""
+        """Wait until ``condition()`` or a failure, within the attempt's timeout.
+
+        ``wake``, when given, is set as the condition comes true (or on a
+        failure): it is seen at once, not at the next poll (a fresh session
+        that opened is seeded a poll interval sooner). Failures that set
+        nothing are still polled for.
+        """
         try:
             async with asyncio.timeout(self._retry.attempt_timeout):
                 while not hosted.failures and not condition():
-                    await asyncio.sleep(READY_POLL_S)
+                    if wake is None or wake.is_set():
+                        await asyncio.sleep(READY_POLL_S)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), READY_POLL_S)
         except TimeoutError:
             return Failure(Verdict.TRANSIENT, "connectivity", what)
         return hosted.failures[-1] if hosted.failures else None

@@ -282,6 +282,28 @@ async def test_a_restart_behind_its_transcription_plays_once_it_said_all_that_wa
         assert run.errors == []
 
 
+async def test_a_fresh_session_is_given_the_conversation_as_soon_as_it_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session is seeded the moment it reports ready, not at the next readiness poll.
+
+    The poll interval is made a second long: the reply goes on well before it.
+    """
+    monkeypatch.setattr("pipecat_resilient.realtime.READY_POLL_S", 1.0)
+    async with GeminiLiveEmulator(
+        script={QUESTION: STORY}, plan=FaultPlan(CUTS[0]), realtime=True, ms_per_char=2.0
+    ) as emulator:
+        async with SessionScenario(resilient(emulator), emulator.samples_per_char()) as run:
+            await run.start_conversation(QUESTION)
+            await run.wait_until(lambda: run.listener.responses_ended == 2)
+        heard_once(run, STORY)
+        assert len(emulator.connections) == 2
+        arrivals = [at for at, _ in run.listener.audio_times]
+        gap = max(later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False))
+        assert gap < 0.5
+        assert run.errors == []
+
+
 async def test_end_frame_does_not_wait_on_a_cut_reply() -> None:
     """The stock service defers an EndFrame 30 s behind a cut reply; here the pipeline ends at once."""
     async with GeminiLiveEmulator(script={QUESTION: STORY}, plan=FaultPlan(CUTS[0])) as emulator:
