@@ -75,6 +75,9 @@ class Port(FrameProcessor):
         await self._receive(frame)
 
 
+# Read on every frame: bound once (an Enum class attribute lookup is slow).
+_DOWNSTREAM = FrameDirection.DOWNSTREAM
+
 # The private method every FrameProcessor pushes through (name-mangled).
 _INTERNAL_PUSH = "_FrameProcessor__internal_push_frame"
 
@@ -101,7 +104,7 @@ def _push_straight(
 
     async def push(frame: Frame, direction: FrameDirection) -> None:
         try:
-            if direction == FrameDirection.DOWNSTREAM:
+            if direction is _DOWNSTREAM:
                 await downstream(frame)
             else:
                 await upstream(frame)

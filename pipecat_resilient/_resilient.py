@@ -69,6 +69,12 @@ from pipecat_resilient.policy import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["Abandoned", "Journal", "RecoveryReport", "ResilientProcessor"]
 
+# Enum members read on every frame, bound once (a class attribute lookup on an
+# Enum costs ten times a global's).
+_CONNECTING = HostedState.CONNECTING
+_DRAINING = HostedState.DRAINING
+_RETIRED = HostedState.RETIRED
+
 S = TypeVar("S", bound=FrameProcessor)
 
 # Events every FrameProcessor raises for itself: the shell raises its own, so
@@ -523,26 +529,28 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     _drains = False
 
     async def _on_instance_downstream(self, hosted: Hosted[S], frame: Frame) -> None:
-        if hosted.state is HostedState.DRAINING and self._drains:
+        if hosted is self._live:
+            # (Never draining: an instance stops being the live one first.)
+            swallow = hosted.swallow
+            if swallow and id(frame) in swallow:
+                swallow.discard(id(frame))
+                return
+            if isinstance(frame, EndFrame):
+                self._ended = True
+            await self._deliver(hosted, frame)
+            return
+        state = hosted.state
+        if state is _DRAINING and self._drains:
             # A failed instance pushes out what it had received before it
             # failed, up to a marker the subclass appended.
             if id(frame) == hosted.drain_marker:
                 hosted.drained.set()
             else:
                 await self._deliver(hosted, frame)
-            return
-        if hosted is not self._live:
-            if hosted.state in (HostedState.DRAINING, HostedState.RETIRED):
-                await self._from_failed(hosted, frame)
-            elif hosted.state is HostedState.CONNECTING:
-                await self._from_connecting(hosted, frame)
-            return
-        if id(frame) in hosted.swallow:
-            hosted.swallow.discard(id(frame))
-            return
-        if isinstance(frame, EndFrame):
-            self._ended = True
-        await self._deliver(hosted, frame)
+        elif state is _DRAINING or state is _RETIRED:
+            await self._from_failed(hosted, frame)
+        elif state is _CONNECTING:
+            await self._from_connecting(hosted, frame)
 
     async def _on_instance_upstream(self, hosted: Hosted[S], frame: Frame) -> None:
         if hosted.state is HostedState.CONNECTING:

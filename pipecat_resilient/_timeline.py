@@ -127,6 +127,10 @@ class Text:
 
     def slice(self, start: int, end: int) -> str:
         """``str(self)[start:end]`` for ``0 <= start``, without joining the whole."""
+        parts = self._parts
+        if len(parts) == 1 and end >= 0:
+            # Joined, or short (a sentence is one chunk).
+            return parts[0][start:end]
         if self._joined is not None:
             return self._joined[start:end]
         end = min(end, self._length)

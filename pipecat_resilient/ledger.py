@@ -82,6 +82,10 @@ class State(Enum):
     FAILED = "failed"
 
 
+# Read for every piece of audio: bound once (an Enum class attribute lookup is slow).
+_LIVE = State.LIVE
+
+
 class UtteranceKind(Enum):
     """What kind of input an utterance came from.
 
@@ -593,7 +597,7 @@ class Ledger:
             the context: :meth:`context_text`), or None.
         """
         liveness = self._liveness
-        if self.state is State.LIVE and self.adaptive_timeouts:
+        if self.state is _LIVE and self.adaptive_timeouts:
             self._measure(context_id, now)
         liveness.pending_since = None
         liveness.last_activity = now

@@ -74,6 +74,12 @@ from pipecat_resilient.providers import TTSAdapter, WordTiming, tts_adapter_for
 
 __all__ = ["RecoveryReport", "ResilientTTS"]
 
+# Enum members read on every frame or word, bound once (an Enum class
+# attribute lookup costs ten times a global's).
+_LIVE = HostedState.LIVE
+_DRAINING = HostedState.DRAINING
+_WORD = TextType.WORD
+
 # How long a failed instance may take to push out the audio it had already
 # received, when the retry policy sets no recovery deadline. It is in memory,
 # so this is a safety bound, not a wait.
@@ -615,7 +621,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         # Where the stock service sends its frames (a multi-output transport).
         destination = getattr(self._reference, "_transport_destination", None)
         for word in text.split():
-            frame = TTSTextFrame(word, text_type=TextType.WORD)
+            frame = TTSTextFrame(word, text_type=_WORD)
             frame.context_id = utterance.downstream_context
             frame.append_to_context = append
             frame.transport_destination = destination
@@ -624,7 +630,8 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
     async def _words_timed(
         self, hosted: Hosted[TTSService], context_id: str | None, words: list[WordTiming], last_partial: bool
     ) -> None:
-        if hosted.state not in (HostedState.LIVE, HostedState.DRAINING):
+        state = hosted.state
+        if state is not _LIVE and state is not _DRAINING:
             return
         utterance = self._ledger.words_timed(context_id, words, last_partial=last_partial)
         if utterance is not None:

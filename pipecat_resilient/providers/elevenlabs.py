@@ -15,7 +15,9 @@ transient.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from operator import add
 from typing import Any
 
 from pipecat_resilient.providers._base import (
@@ -89,6 +91,10 @@ class ElevenLabsAdapter(TTSAdapter):
 
 _SPACE = " \t\n\r"
 
+# A word of an alignment: a run of characters that are not whitespace
+# (``str.isspace``, as ``\s`` is for text patterns).
+_TOKEN = re.compile(r"\S+")
+
 
 def _without_audio(raw: str) -> str:
     """The message with its base64 audio left out (an empty string in its place).
@@ -126,10 +132,51 @@ def _prefers_normalized(service: Any) -> bool:
 
 
 def _advance(clock: _Clock, alignment: dict[str, Any]) -> list[WordTiming]:
-    """Words completed by one message's alignment; ``clock`` keeps the word still arriving."""
+    """Words completed by one message's alignment; ``clock`` keeps the word still arriving.
+
+    Read a word at a time (the characters joined, split at whitespace), which
+    gives what :func:`_advance_by_char` gives, for a fraction of its cost
+    (it runs for every audio message); alignments whose entries are not
+    single characters are read by that one.
+    """
     chars = alignment.get("chars") or []
     starts = alignment.get("charStartTimesMs") or []
     durations = alignment.get("charDurationsMs") or []
+    count = min(len(chars), len(starts), len(durations))
+    if count < len(chars):
+        chars = chars[:count]
+    try:
+        text = "".join(chars)
+    except TypeError:
+        return _advance_by_char(clock, chars, starts, durations)
+    if len(text) != count:
+        return _advance_by_char(clock, chars, starts, durations)
+    at = clock.at
+    words: list[WordTiming] = []
+    if clock.word and count and text[0].isspace():
+        words.append((clock.word, clock.word_start, clock.word_end))
+        clock.word = ""
+    for match in _TOKEN.finditer(text):
+        first, after = match.span()
+        word, start = match.group(), at + starts[first] / 1000
+        end = at + starts[after - 1] / 1000 + durations[after - 1] / 1000
+        if first == 0 and clock.word:
+            word, start = clock.word + word, clock.word_start
+        clock.word_start, clock.word_end = start, end
+        if after < count:
+            words.append((word, start, end))
+            clock.word = ""
+        else:
+            clock.word = word
+    if count:
+        clock.at += max(0.0, max(map(add, starts[:count], durations[:count]))) / 1000
+    return words
+
+
+def _advance_by_char(
+    clock: _Clock, chars: list[Any], starts: list[Any], durations: list[Any]
+) -> list[WordTiming]:
+    """:func:`_advance`, a character at a time."""
     words: list[WordTiming] = []
     end_ms = 0.0
     for char, start_ms, duration_ms in zip(chars, starts, durations, strict=False):
