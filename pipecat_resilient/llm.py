@@ -236,8 +236,12 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
     _spare_instance = True
 
     def _before_connect(self, hosted: Hosted[LLMService]) -> None:
-        """Have the next instance of ``hosted``'s provider built now, in a worker thread."""
-        self.create_task(self._host.replenish(hosted.provider), name="spare")
+        """Have the next instance of ``hosted``'s provider built, in a worker thread."""
+        self.create_task(self._build_spare(hosted), name="spare")
+
+    async def _build_spare(self, hosted: Hosted[LLMService]) -> None:
+        """Build the next instance of ``hosted``'s provider (now: a subclass may wait)."""
+        await self._host.replenish(hosted.provider)
 
     def _new_journal(self, first_token_timeout: float, stall_timeout: float) -> Journal:
         """Make (and keep) the journal of what is in flight; ``self._replay`` is set."""

@@ -386,7 +386,7 @@ class ResilientRealtimeLLM(ResilientLLM):
         await super()._on_instance_upstream(hosted, frame)
 
     def _before_connect(self, hosted: Hosted[LLMService]) -> None:
-        super()._before_connect(hosted)  # the next instance of its provider is built now
+        super()._before_connect(hosted)  # the next instance of its provider is built (once this one is up)
         if self._probing():
             return  # a probe: the handshake and the setup, nothing else
         adapter = self._provider
@@ -406,6 +406,24 @@ class ResilientRealtimeLLM(ResilientLLM):
                 # The partial turn is the model's own; what to do with it is
                 # said where instructions belong.
                 adapter.add_instruction(hosted.service, instruction)
+
+    async def _build_spare(self, hosted: Hosted[LLMService]) -> None:
+        """Build the next instance of ``hosted``'s provider once ``hosted`` connected (or failed to).
+
+        In its worker thread, a stock service's constructor still holds the
+        GIL for tens of milliseconds (google-genai loading a CA bundle): built
+        while ``hosted`` connects, it slowed the handshake and the seed, on
+        the event loop, by as much (a recovery's dead air). It is built while
+        the fresh session thinks about its first audio instead.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._retry.attempt_timeout):
+                # Live (and seeded), retired, or failing. (A probe stays
+                # connecting until it takes over: no other instance of its
+                # provider is made meanwhile.)
+                while hosted.state is HostedState.CONNECTING and not hosted.failures:
+                    await asyncio.sleep(READY_POLL_S)
+        await super()._build_spare(hosted)
 
     def _probing(self) -> bool:
         """Whether the instance being connected is a probe (a planned switch's): set up, never seeded."""

@@ -304,6 +304,38 @@ async def test_a_fresh_session_is_given_the_conversation_as_soon_as_it_opens(
         assert run.errors == []
 
 
+async def test_the_next_instance_is_built_once_the_fresh_session_took_the_conversation() -> None:
+    """The spare instance is not built while the fresh session connects.
+
+    Built in a worker thread, a stock service's constructor still holds the
+    GIL for tens of milliseconds: it would slow the handshake and the seed, on
+    the event loop, by as much. It is built once the fresh session was seeded.
+    """
+    async with GeminiLiveEmulator(script={QUESTION: STORY}, plan=FaultPlan(CUTS[0])) as emulator:
+        build = make(emulator)
+        # At each build: the connections so far, and what the newest had been sent.
+        seen: list[tuple[int, list[str]]] = []
+
+        def factory() -> GeminiLiveLLMService:
+            records = emulator.connections
+            seen.append((len(records), [next(iter(m)) for m in records[-1].messages] if records else []))
+            return build()
+
+        llm = ResilientLLM(factory, retry=NO_WAIT, first_token_timeout=FIRST_TOKEN_TIMEOUT, replay=HOLD)
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            built = len(seen)
+            await run.start_conversation(QUESTION)
+            await run.wait_until(lambda: run.listener.responses_ended == 2)
+            await eventually(lambda: len(seen) > built)
+        heard_once(run, STORY)
+        assert len(emulator.connections) == 2
+        # The one build after the cut came once the fresh session (connection 1)
+        # had been given the conversation.
+        [(connections, sent)] = seen[built:]
+        assert connections == 2 and sent[:2] == ["setup", "client_content"], seen
+        assert run.errors == []
+
+
 async def test_end_frame_does_not_wait_on_a_cut_reply() -> None:
     """The stock service defers an EndFrame 30 s behind a cut reply; here the pipeline ends at once."""
     async with GeminiLiveEmulator(script={QUESTION: STORY}, plan=FaultPlan(CUTS[0])) as emulator:
