@@ -620,9 +620,9 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         append = getattr(utterance.source, "append_to_context", True) is not False
         # Where the stock service sends its frames (a multi-output transport).
         destination = getattr(self._reference, "_transport_destination", None)
+        context_id = utterance.downstream_context
         for word in text.split():
-            frame = TTSTextFrame(word, text_type=_WORD)
-            frame.context_id = utterance.downstream_context
+            frame = TTSTextFrame(word, _WORD, context_id)
             frame.append_to_context = append
             frame.transport_destination = destination
             await self.push_frame(frame)
