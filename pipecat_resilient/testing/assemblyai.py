@@ -54,7 +54,7 @@ import time
 import uuid
 from typing import Any
 
-from pipecat_resilient.testing._server import ConnectionState, WorkFailed
+from pipecat_resilient.testing._server import ConnectionState
 from pipecat_resilient.testing.deepgram_stt import StreamRecord, StreamTranscriber, StreamWord, STTEmulator
 from pipecat_resilient.testing.faults import Fault, FaultPlan
 
@@ -222,7 +222,6 @@ class AssemblyAIEmulator(STTEmulator):
             raise ValueError("lag must not be negative")
         super().__init__(plan=plan, api_key=api_key, ms_per_char=ms_per_char)
         self.lag = lag
-        self._sessions: dict[int, _Turns] = {}
 
     # -- protocol ------------------------------------------------------------
 
@@ -251,26 +250,6 @@ class AssemblyAIEmulator(STTEmulator):
         finally:
             turns.ended()
             self._sessions.pop(id(state), None)
-            await self._signal()
-
-    async def _on_audio(self, state: ConnectionState, turns: _Turns, audio: bytes) -> None:
-        """Transcribe one audio message, unless a fault it triggers stops that."""
-        if state.faulted.is_set() or turns.closing:
-            return  # closing, aborted or stalled: nothing more is heard
-        turns.audio_received(audio)
-        try:
-            await state.audio_received()
-        except WorkFailed:
-            return  # the error dropped the turn, this message included
-        await self._send(state, turns.results())
-
-    async def _send(self, state: ConnectionState, messages: list[dict[str, Any]]) -> None:
-        turns = self._sessions.get(id(state))
-        for message in messages:
-            await state.send(json.dumps(message))
-            if turns is not None:
-                turns.record.sent.append(message)
-        if messages:
             await self._signal()
 
     async def send_error(self, state: ConnectionState, fault: Fault) -> None:

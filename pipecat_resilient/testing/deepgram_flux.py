@@ -50,7 +50,7 @@ import json
 import uuid
 from typing import Any
 
-from pipecat_resilient.testing._server import ConnectionState, WorkFailed
+from pipecat_resilient.testing._server import ConnectionState
 from pipecat_resilient.testing.deepgram_stt import StreamRecord, StreamTranscriber, StreamWord, STTEmulator
 from pipecat_resilient.testing.faults import Fault, FaultPlan
 
@@ -197,7 +197,6 @@ class DeepgramFluxEmulator(STTEmulator):
             plan=plan, api_key=None if api_key is None else f"Token {api_key}", ms_per_char=ms_per_char
         )
         self.end_of_turn_ms = end_of_turn_ms
-        self._sessions: dict[int, _Flux] = {}
 
     # -- protocol ------------------------------------------------------------
 
@@ -226,26 +225,6 @@ class DeepgramFluxEmulator(STTEmulator):
         finally:
             flux.ended()
             self._sessions.pop(id(state), None)
-            await self._signal()
-
-    async def _on_audio(self, state: ConnectionState, flux: _Flux, audio: bytes) -> None:
-        """Transcribe one audio message, unless a fault it triggers stops that."""
-        if state.faulted.is_set() or flux.closing:
-            return  # closing, aborted or stalled: nothing more is heard
-        flux.audio_received(audio)
-        try:
-            await state.audio_received()
-        except WorkFailed:
-            return  # the error dropped the turn, this message included
-        await self._send(state, flux.results())
-
-    async def _send(self, state: ConnectionState, messages: list[dict[str, Any]]) -> None:
-        flux = self._sessions.get(id(state))
-        for message in messages:
-            await state.send(json.dumps(message))
-            if flux is not None:
-                flux.record.sent.append(message)
-        if messages:
             await self._signal()
 
     async def send_error(self, state: ConnectionState, fault: Fault) -> None:

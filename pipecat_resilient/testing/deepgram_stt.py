@@ -73,7 +73,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -321,6 +321,7 @@ class _Listen:
     def __init__(self, emulator: DeepgramSTTEmulator, record: StreamRecord) -> None:
         query = record.query
         self.record = record
+        self.closing = False  # (Deepgram closes on an error at once)
         self.model = query.get("model", "nova-3-general")
         self.interim = _flag(query, "interim_results", False)
         self.punctuate = _flag(query, "punctuate", False) or _flag(query, "smart_format", False)
@@ -517,6 +518,17 @@ class _Listen:
 # -- the emulator -------------------------------------------------------------
 
 
+class _Session(Protocol):
+    """One connection's sans-I/O protocol state, as :class:`STTEmulator` drives it."""
+
+    record: StreamRecord
+    closing: bool  # an error was sent: nothing more is heard
+
+    def audio_received(self, audio: bytes) -> None: ...
+
+    def results(self) -> list[dict[str, Any]]: ...
+
+
 class STTEmulator(WebsocketEmulator):
     """What the speech-to-text emulators share: the endpoint, the streams served, waiting on them.
 
@@ -542,6 +554,8 @@ class STTEmulator(WebsocketEmulator):
         self.ms_per_char = ms_per_char
         self.streams: list[StreamRecord] = []
         self._changed = asyncio.Condition()
+        # The protocol state of each connection being served, by id(state).
+        self._sessions: dict[int, Any] = {}
 
     @property
     def ws_url(self) -> str:
@@ -582,6 +596,27 @@ class STTEmulator(WebsocketEmulator):
     async def _signal(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    async def _on_audio(self, state: ConnectionState, session: _Session, audio: bytes) -> None:
+        """Transcribe one audio message, unless a fault it triggers stops that."""
+        if state.faulted.is_set() or session.closing:
+            return  # closing, aborted or stalled: nothing more is heard
+        session.audio_received(audio)
+        try:
+            await state.audio_received()
+        except WorkFailed:
+            return  # the error dropped what was not final, this message included
+        await self._send(state, session.results())
+
+    async def _send(self, state: ConnectionState, messages: list[dict[str, Any]]) -> None:
+        """Send ``messages`` in order, recording them in the connection's stream record."""
+        session = self._sessions.get(id(state))
+        for message in messages:
+            await state.send(json.dumps(message))
+            if session is not None:
+                session.record.sent.append(message)
+        if messages:
+            await self._signal()
 
     # -- handshake ---------------------------------------------------------
 
@@ -653,7 +688,6 @@ class DeepgramSTTEmulator(STTEmulator):
         self.lag = lag
         self.revise_interims = revise_interims
         self.idle_timeout = idle_timeout
-        self._sessions: dict[int, _Listen] = {}
 
     # -- protocol ------------------------------------------------------------
 
@@ -689,26 +723,6 @@ class DeepgramSTTEmulator(STTEmulator):
                 watchdog.cancel()
             session.ended()
             self._sessions.pop(id(state), None)
-            await self._signal()
-
-    async def _on_audio(self, state: ConnectionState, session: _Listen, audio: bytes) -> None:
-        """Transcribe one audio message, unless a fault it triggers stops that."""
-        if state.faulted.is_set():
-            return  # closing, aborted or stalled: nothing more is heard
-        session.audio_received(audio)
-        try:
-            await state.audio_received()
-        except WorkFailed:
-            return  # the error dropped what was not final, this message included
-        await self._send(state, session.results())
-
-    async def _send(self, state: ConnectionState, messages: list[dict[str, Any]]) -> None:
-        session = self._sessions.get(id(state))
-        for message in messages:
-            await state.send(json.dumps(message))
-            if session is not None:
-                session.record.sent.append(message)
-        if messages:
             await self._signal()
 
     async def _watch_idle(self, state: ConnectionState, activity: asyncio.Event, timeout: float) -> None:
