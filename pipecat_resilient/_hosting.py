@@ -170,6 +170,7 @@ class Hosted(Generic[S]):
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # its received audio is out
     drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
     drain_marker: int | None = None
+    drain_counted: bool = False  # what the drain voiced was told to the context (once)
     # Sessions (speech-to-speech): set once the session takes input, or fails.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resumes: bool = False

@@ -486,6 +486,10 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _drain(self, hosted: Hosted[S]) -> None:
         """Let a failed instance push out what it had already received (TTS audio)."""
 
+    async def _drain_marker_out(self, hosted: Hosted[S]) -> None:
+        """The marker appended by :meth:`_drain` came out: what the instance had received is out."""
+        hosted.drained.set()
+
     async def _before_retire(self, hosted: Hosted[S]) -> None:
         """Last chance to let a failed instance finish something (a running tool) before teardown."""
 
@@ -544,7 +548,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
             # A failed instance pushes out what it had received before it
             # failed, up to a marker the subclass appended.
             if id(frame) == hosted.drain_marker:
-                hosted.drained.set()
+                await self._drain_marker_out(hosted)
             else:
                 await self._deliver(hosted, frame)
         elif state is _DRAINING or state is _RETIRED:

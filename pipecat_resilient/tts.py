@@ -667,12 +667,31 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(hosted.drained.wait(), DRAIN_POLL_S)
         finally:
+            await self._count_drained(hosted)
+
+    async def _drain_marker_out(self, hosted: Hosted[TTSService]) -> None:
+        # Counted here, in the marker's own delivery: the replay waits for
+        # it, and a wake-up of the drain task would cost it turns of the loop.
+        hosted.drained.set()
+        await self._count_drained(hosted)
+
+    async def _count_drained(self, hosted: Hosted[TTSService]) -> None:
+        """The drain is over: its evidence counts; the replay may start (once per instance)."""
+        if hosted.drain_counted:
+            # Counted (or being counted) by the marker's delivery: the instance
+            # is retired only once that is over.
+            await hosted.drain_done.wait()
+            return
+        hosted.drain_counted = True
+        try:
             # Voiced by the drained audio and not yet told (normally told as
             # the audio went out).
             for utterance, text in self._ledger.pending_context_text():
                 await self._push_context_words(utterance, text)
             if self._ledger.state is State.RECOVERING:
                 self._ledger.drained()
+        finally:
+            hosted.drain_done.set()
 
     async def _abandon(self, reason: str, episode: Episode) -> Abandoned:
         open_contexts = [u.downstream_context for u in self._ledger.open_downstream()]
