@@ -234,13 +234,14 @@ async def _side(config: LLMChaosConfig, schedule: Sequence[LLMTurn], *, resilien
             listener = run.listener
             expected = GREETING_REPLY.split()
             await run.start_conversation(GREETING)
-            await _settle(run, len(expected), config)
+            await _settle(run, expected, 0, config)
             for turn in schedule:
                 await asyncio.sleep(0.2)  # a pause between turns
                 _arm(emulator, turn)
+                since = len(listener.heard)
                 await _ask(run, config, turn.question, rate)
                 expected += turn.answer.split()
-                if not await _settle(run, len(expected), config):
+                if not await _settle(run, turn.answer.split(), since, config):
                     report.unanswered.append(turn.index)
         report.words = _words(account(expected, listener.heard, " ".join(run.assistant_texts).split()))
         report.errors = len(run.errors)
@@ -270,14 +271,27 @@ def _resilient(factory: Any, retry: RetryPolicy, hold: float) -> FrameProcessor:
     )
 
 
-async def _settle(run: SessionScenario, words: int, config: LLMChaosConfig) -> bool:
-    """Wait until ``words`` words were heard and no reply is open, or nothing moves for a while."""
+async def _settle(run: SessionScenario, answer: list[str], since: int, config: LLMChaosConfig) -> bool:
+    """Wait until every word of ``answer`` was heard and no reply is open, or nothing moves for a while.
+
+    The words must be heard, in order, among those heard since the turn
+    began (``since`` words before it): a count of words heard would take a
+    word heard twice (after a cut, say) for one of the answer's, call the turn
+    over while its continuation is still to come, and have the next question
+    cut in on it - the answer's rest then counted as lost.
+    """
     listener = run.listener
     return await listener.settle(
-        lambda: len(listener.heard) >= words and listener.started == listener.stopped,
+        lambda: _heard_in_order(answer, listener.heard[since:]) and listener.started == listener.stopped,
         idle=config.idle,
         limit=config.turn_limit,
     )
+
+
+def _heard_in_order(words: Sequence[str], heard: Sequence[str]) -> bool:
+    """Whether ``words`` occur in ``heard`` in order (other words, repeated ones say, in between)."""
+    remaining = iter(heard)
+    return all(word in remaining for word in words)
 
 
 def _arm(emulator: Any, turn: LLMTurn) -> None:

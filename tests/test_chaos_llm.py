@@ -53,3 +53,35 @@ def test_every_question_of_a_long_schedule_is_asked_once() -> None:
 
     schedule = make_schedule(LLMChaosConfig(turns=300, faults=100))
     assert len({turn.question for turn in schedule}) == 300
+
+
+async def test_a_turn_is_over_when_its_own_words_were_heard_not_when_enough_words_were() -> None:
+    """Words heard twice must not make the bench call a turn over before its continuation plays.
+
+    With Gemini Live's output transcription trailing its audio, each cut leaves
+    a word or two heard whose transcription never came; the continuation says
+    them again (by design: the transcription never named them). Counted as
+    words heard, those extra words had the bench take a cut turn as answered
+    as soon as the cut reply was closed, ask the next question over the
+    continuation (the model drops the rest of the answer for the new input),
+    and blame ResilientLLM for the words it lost.
+    """
+    from pipecat_resilient.chaos_llm import _side
+
+    config = LLMChaosConfig(
+        provider="gemini-live",
+        seed=1,
+        turns=9,
+        faults=9,
+        mix=("close-1011",),
+        continuation="restart",
+        transcript="after_audio",
+        idle=1.0,
+        turn_limit=5.0,
+    )
+    report = await _side(config, make_schedule(config), resilient=True)
+    assert report.words["lost"] == [] and report.unanswered == [], report.words
+    assert report.words["unheard_in_context"] == [] and report.errors == 0, report.words
+    # Every answer was heard in full, in order, each turn after the one before.
+    expected = report.words["expected"]
+    assert report.words["heard"] == expected + len(report.words["repeated"])
