@@ -327,12 +327,15 @@ class Splice:
             return
         # Words to drop: where they end in the audio must be known, which takes
         # an exact rate (the session's, or the whole continuation's). At the
-        # bound, the best estimate does; without one, nothing is dropped.
+        # bound, the words confirmed so far go: placed by the exact rate when
+        # there is one (not waiting for the next word changes which words are
+        # known repeated, not where they end), else by the slope across the
+        # continuation's pieces; with neither, nothing is dropped.
         if exact and (beyond or self._ended):
             self._settle(start, repeated, rate)
         elif final:
             _, coarse = self._slope()
-            self._settle(start, repeated if coarse else [], rate)
+            self._settle(start, repeated if exact or coarse else [], rate)
 
     def _alignment(self, words: list[tuple[int, int, str]], last_whole: bool) -> int | None:
         """The earliest word of the cut reply the continuation can start at, or None."""

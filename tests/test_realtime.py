@@ -282,6 +282,40 @@ async def test_a_restart_behind_its_transcription_plays_once_it_said_all_that_wa
         assert run.errors == []
 
 
+async def test_a_restart_late_past_the_hold_still_drops_the_words_confirmed_heard() -> None:
+    """The hold ends before the transcription shows where a restart joins: what it confirmed still goes.
+
+    The reply is cut after "Once upon a time the" was heard ("Once upon a tim"
+    transcribed); the model restarts, one chunk of audio (and its
+    transcription) every 200 ms, and the hold is 50 ms: it ends with only
+    "Once " in. The session's speech rate (learnt from the greeting) places
+    that word in the audio: it is dropped, not heard a second time because the
+    next word was not in yet. (The words the hold did not wait for may come
+    twice: that is what the bound costs.)
+    """
+    greeting, story = "Hi there.", "Once upon a time there was a socket."
+    plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=2 + 4))
+    async with GeminiLiveEmulator(
+        script={"Hi.": greeting, QUESTION: story},
+        plan=plan,
+        continuation="restart",
+        realtime=True,
+        ms_per_char=40.0,  # 200 ms between audio chunks: the hold ends well before the second
+    ) as emulator:
+        llm = resilient(emulator, replay=ReplayPolicy(continuation_hold_s=0.05))
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            listener = run.listener
+            await run.start_conversation("Hi.")
+            await run.wait_until(lambda: listener.responses_ended == 1, 10.0)
+            run.context.add_message({"role": "user", "content": QUESTION})
+            await run.send(InputTextRawFrame(QUESTION))
+            # The greeting, the cut reply (closed downstream), the restart.
+            await run.wait_until(lambda: listener.responses_ended == 3, 20.0)
+        assert emulator.replies() == [greeting, story, story]
+        assert listener.heard == words(greeting) + words("Once upon a time") + words(story)[1:]
+        assert run.errors == []
+
+
 async def test_a_fresh_session_is_given_the_conversation_as_soon_as_it_opens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

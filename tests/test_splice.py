@@ -237,3 +237,20 @@ def test_deciding_early_decides_as_the_whole_continuation_would() -> None:
                         assert early.drop_chars == whole.drop_chars, case
                         assert early.drop_bytes == whole.drop_bytes, case
                         assert early.heard_late == whole.heard_late, case
+
+
+def test_at_the_bound_the_sessions_rate_drops_the_words_confirmed_so_far() -> None:
+    """The hold ends before the first new word's transcription: the words confirmed repeated still go.
+
+    One chunk of a restart and its transcription came ("Once "): too little for
+    a slope, but the session's rate (learnt from whole replies) places the word
+    in the audio exactly. It was heard in full before the cut: dropped, not
+    played a second time because the next word's transcription was late.
+    """
+    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, bytes_per_char=RATE, hold=0.3)
+    splice.held("a1", Held.AUDIO, size=5 * RATE, now=0.0)
+    splice.held("t1", Held.TRANSCRIPT, text="Once ", now=0.0)
+    assert not splice.decided  # "upon" may be repeated too: the next word is awaited
+    assert splice.expired(now=0.3)
+    assert (splice.drop_chars, splice.drop_bytes) == (5, 5 * RATE)
+    assert [(r.item, r.skip) for r in splice.releases()] == [("a1", 5 * RATE), ("t1", 5)]
