@@ -610,6 +610,7 @@ class ResilientRealtimeLLM(ResilientLLM):
         self._sounded = self._transcribed = False
         cut, self._continuing = self._continuing, None
         if cut is not None and self._speaks:
+            self._end_splice()  # a hold timer left from an earlier continuation
             self._splice = Splice(
                 heard=cut.heard,
                 tail=cut.tail,
@@ -619,10 +620,11 @@ class ResilientRealtimeLLM(ResilientLLM):
                 hold=self._replay.continuation_hold_s,
                 now=t,
             )
-            self._splice_timer = self.create_task(self._splice_deadline(hosted, self._splice), name="splice")
 
     async def _splice_deadline(self, hosted: Hosted[LLMService], splice: Splice) -> None:
-        await asyncio.sleep(max(0.0, splice.deadline - now()))
+        deadline = splice.deadline
+        assert deadline is not None
+        await asyncio.sleep(max(0.0, deadline - now()))
         if splice is self._splice and hosted is self._live:
             splice.expired(now=now())
             await self._release(hosted, splice, now())
@@ -644,6 +646,9 @@ class ResilientRealtimeLLM(ResilientLLM):
             await self._out(hosted, frame, t)
             return
         splice.held(frame, kind, size=size, text=text, now=t)
+        if self._splice_timer is None and splice.deadline is not None:
+            # The hold counts from the continuation's first audio.
+            self._splice_timer = self.create_task(self._splice_deadline(hosted, splice), name="splice")
         if isinstance(frame, LLMFullResponseEndFrame):
             splice.ended(now=t)
         await self._release(hosted, splice, t)

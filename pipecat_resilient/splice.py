@@ -28,9 +28,12 @@ with the audio of words the user already heard cut out:
   reply's transcription when the continuation repeated all of it from where
   it joins (no word after that one can change what is dropped), so new audio
   is not held for the transcription of a word that comes after it;
-* the hold is bounded: after ``hold`` seconds the splice decides with what it
-  knows (words confirmed so far), so a late transcription costs at most that
-  much delay, never a lost word.
+* the hold is bounded: ``hold`` seconds after the continuation's first audio
+  the splice decides with what it knows (words confirmed so far), so a late
+  transcription costs at most that much delay, never a lost word. The hold
+  counts from the first audio, not from the reply's start: until audio comes,
+  nothing is held back from the listener, and a continuation whose first
+  output is slow to come has said nothing to decide on.
 
 Inputs are the held output, in order (:meth:`Splice.held`), the end of the
 continuation (:meth:`Splice.ended`) and the clock (:meth:`Splice.expired`);
@@ -122,8 +125,9 @@ class Splice:
             the cut reply was itself a continuation).
         bytes_per_char: The session's speech rate, learnt from whole replies,
             or None when there is none yet.
-        hold: Longest the output is held, in seconds.
-        now: Current time in seconds.
+        hold: Longest the output is held, in seconds, counted from its first audio.
+        now: Current time in seconds (when the continuation began; the hold
+            counts from its first audio).
     """
 
     def __init__(
@@ -147,7 +151,8 @@ class Splice:
         self._audio_from = audio_from
         self._prior = bytes_per_char if bytes_per_char and bytes_per_char > 0 else None
         self._hold = hold
-        self._started = now
+        self._began = now
+        self._started: float | None = None  # when the first audio was held: the hold counts from there
         self._items: list[_Item] = []
         self._audio = 0  # bytes of continuation audio held so far
         self._text = ""  # the continuation's transcription so far
@@ -172,6 +177,8 @@ class Splice:
         """The continuation produced ``item`` (audio of ``size`` bytes, or ``text``); it is held."""
         if kind is Held.AUDIO:
             self._audio += size
+            if self._started is None:
+                self._started = now
         elif kind is Held.TRANSCRIPT:
             size = len(text)
             self._text += text
@@ -189,14 +196,14 @@ class Splice:
 
     def expired(self, *, now: float) -> bool:
         """Check the hold bound; True once the splice is decided."""
-        if not self.decided and now - self._started >= self._hold:
+        if not self.decided and self._started is not None and now - self._started >= self._hold:
             self._decide(now=now, final=True)
         return self.decided
 
     @property
-    def deadline(self) -> float:
+    def deadline(self) -> float | None:
         """When the hold ends at the latest."""
-        return self._started + self._hold
+        return None if self._started is None else self._started + self._hold
 
     # -- outputs ---------------------------------------------------------------
 
@@ -283,7 +290,7 @@ class Splice:
     def _decide(self, *, now: float, final: bool) -> None:
         if self.decided:
             return
-        final = final or now - self._started >= self._hold
+        final = final or (self._started is not None and now - self._started >= self._hold)
         rate, exact = self.rate()
         words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(self._text)]
         # The continuation's last word is whole once whitespace follows it, or it ended.

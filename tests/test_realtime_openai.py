@@ -145,6 +145,32 @@ async def test_no_fault_conversation_is_the_stock_ones() -> None:
         assert len(emulator.connections) == 1 and run.errors == []
 
 
+async def test_the_hold_waits_for_a_slow_continuations_first_audio() -> None:
+    """A restart whose audio comes well after its response began is still checked against what was heard.
+
+    Each response's first audio comes 0.3 s after ``response.created`` (a
+    fresh session given a long conversation item by item was seen to take
+    longer still); the hold is 0.1 s. Counted from the response's start it
+    ended with nothing in, found nothing repeated, and the restart's "Once upon
+    a" was heard twice. It counts from the first audio.
+    """
+    async with OpenAIRealtimeEmulator(
+        script={HELLO: HI, QUESTION: STORY},
+        plan=FaultPlan(CUTS[0]),
+        continuation="restart",
+        transcript="before_audio",
+        first_audio_delay=0.3,
+    ) as emulator:
+        llm = resilient(emulator, replay=ReplayPolicy(continuation_hold_s=0.1))
+        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
+            await hello_then(run, llm, QUESTION)
+            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
+            await run.wait_until(lambda: run.listener.responses_ended == 3, TIMEOUT)
+        assert run.listener.heard == words(f"{HI} {STORY}")
+        assert " ".join(run.assistant_texts).split() == run.listener.heard
+        assert run.errors == []
+
+
 @pytest.mark.parametrize("how", ["continue", "restart", "repeat"])
 @pytest.mark.parametrize("fault", CUTS, ids=CUT_IDS)
 async def test_a_cut_reply_is_recreated_as_heard_and_heard_once(fault: Fault, how: str) -> None:

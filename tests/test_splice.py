@@ -254,3 +254,19 @@ def test_at_the_bound_the_sessions_rate_drops_the_words_confirmed_so_far() -> No
     assert splice.expired(now=0.3)
     assert (splice.drop_chars, splice.drop_bytes) == (5, 5 * RATE)
     assert [(r.item, r.skip) for r in splice.releases()] == [("a1", 5 * RATE), ("t1", 5)]
+
+
+def test_the_hold_counts_from_the_first_audio() -> None:
+    """A continuation slow to begin has said nothing to decide on: the hold waits for its first audio.
+
+    The reply opened at 0; nothing came for a second (a long conversation given
+    to a fresh session, say). Deciding then would find nothing repeated and
+    play a restart whole; the bound counts from the first audio instead.
+    """
+    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, bytes_per_char=RATE, hold=0.3, now=0.0)
+    assert not splice.expired(now=1.0) and splice.deadline is None
+    splice.held("a1", Held.AUDIO, size=5 * RATE, now=1.0)
+    splice.held("t1", Held.TRANSCRIPT, text="Once ", now=1.0)
+    assert splice.deadline == 1.3 and not splice.decided
+    assert splice.expired(now=1.3)
+    assert (splice.drop_chars, splice.drop_bytes) == (5, 5 * RATE)
