@@ -17,7 +17,7 @@ from loguru import logger
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 from pipecat.services.tts_service import TTSService
 
-from pipecat_resilient import ResilientTTS, RetryPolicy
+from pipecat_resilient import ResilientTTS, RetryPolicy, health
 from pipecat_resilient.testing import ElevenLabsEmulator, FaultPlan
 from pipecat_resilient.testing._server import ConnectionRecord, WebsocketEmulator
 from pipecat_resilient.testing.kits import TTSKit, tts_kit
@@ -35,6 +35,18 @@ SAMPLE_RATE = 24000
 def _quiet_logs() -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_health_store() -> None:
+    """Each test starts with its own process-wide health store, as a fresh bot process does.
+
+    Processors given no store share one per process: without this, a test that
+    left a provider's breaker open (the emulators' providers are named after
+    their stock services) made a later test skip that provider, or its standby,
+    until the cooldown passed, depending on the order the tests ran in.
+    """
+    health._default_store = None
 
 
 def stock_factory(
