@@ -171,6 +171,8 @@ class Hosted(Generic[S]):
     drain_done: asyncio.Event = field(default_factory=asyncio.Event)  # and its evidence is counted
     drain_marker: int | None = None
     drain_counted: bool = False  # what the drain voiced was told to the context (once)
+    # Being fed its replay as it goes live (nothing else handed to it yet).
+    going_live: bool = False
     # Sessions (speech-to-speech): set once the session takes input, or fails.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     resumes: bool = False

@@ -1050,7 +1050,11 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         hosted.live_since = now()
         self._live = hosted
         self._restore_journal(hosted)
-        units, chars = await self._feed_pending()
+        hosted.going_live = True
+        try:
+            units, chars = await self._feed_pending()
+        finally:
+            hosted.going_live = False
         # Live again: a standby taken over (or missing) is replaced now, not at the next check.
         self._standby_changed.set()
         await self._after_restore(hosted)

@@ -419,7 +419,6 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
 
     async def _feed(self, hosted: Hosted[TTSService], action: Action) -> None:
         utterance = action.utterance
-        service = hosted.service
         kind = action.kind
         if kind is ActionKind.START:
             frame = action.frame
@@ -427,11 +426,11 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 # Already went downstream: this one only drives the instance.
                 frame = LLMFullResponseStartFrame()
                 hosted.swallow.add(id(frame))
-            await service.queue_frame(frame)
+            await _hand(hosted, frame)
         elif kind is ActionKind.TEXT:
             frame = action.frame if isinstance(action.frame, Frame) else LLMTextFrame(action.text)
             hosted.fed[id(frame)] = utterance
-            await service.queue_frame(frame)
+            await _hand(hosted, frame)
         elif kind is ActionKind.SPEAK:
             assert utterance is not None
             frame = (
@@ -440,7 +439,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 else _speak_like(utterance.source, action.text)
             )
             hosted.fed[id(frame)] = utterance
-            await service.queue_frame(frame, callback=self._closing_processed(utterance))
+            await _hand(hosted, frame, self._closing_processed(utterance))
         elif kind is ActionKind.CLOSE:
             assert utterance is not None
             await self._close_downstream(hosted, utterance)
@@ -705,6 +704,36 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
                 f for f in frames if isinstance(f, Frame) and not isinstance(f, TTSUpdateSettingsFrame)
             ),
         )
+
+
+async def _hand(hosted: Hosted[TTSService], frame: Frame, callback: Any = None) -> None:
+    """Queue ``frame`` for the instance; a replay fed as it goes live skips a hop.
+
+    A frame queued to a Pipecat processor waits for its input task, which
+    moves it to the process queue, whose task then processes it: two turns
+    of the event loop, each behind whatever else is ready (on a recovery,
+    the pipeline processing the drained audio). An instance going live has
+    been handed nothing else, so while its input queue is empty (and not
+    paused) the replay is put straight into its process queue, in the order
+    it would have reached it. Any other time, or if Pipecat no longer looks
+    like this, it is queued as usual.
+    """
+    service = hosted.service
+    if hosted.going_live and not isinstance(frame, SystemFrame):
+        inputs = getattr(service, "_FrameProcessor__input_queue", None)
+        process = getattr(service, "_FrameProcessor__process_queue", None)
+        if (
+            isinstance(inputs, asyncio.Queue)
+            and isinstance(process, asyncio.Queue)
+            and inputs.empty()
+            and getattr(service, "_FrameProcessor__process_frame_task", None) is not None
+            and getattr(service, "_FrameProcessor__should_block_system_frames", True) is False
+            and not service._cancelling
+            and not service._enable_direct_mode
+        ):
+            process.put_nowait((frame, FrameDirection.DOWNSTREAM, callback))
+            return
+    await service.queue_frame(frame, callback=callback)
 
 
 def _hand_out_queued_items_at_once(service: object) -> None:
