@@ -7,6 +7,8 @@ word timings): the same fault matrix against every stock service.
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.runners
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,43 @@ from pipecat_resilient import ResilientTTS, RetryPolicy, health
 from pipecat_resilient.testing import ElevenLabsEmulator, FaultPlan
 from pipecat_resilient.testing._server import ConnectionRecord, WebsocketEmulator
 from pipecat_resilient.testing.kits import TTSKit, tts_kit
+
+# How long closing a test's event loop waits for its leftover tasks to end.
+LEFTOVER_TASKS_S = 10.0
+
+
+def _cancel_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """``asyncio.runners._cancel_all_tasks``, with a bound on the wait.
+
+    A test that fails with a pipeline still running leaves Pipecat's worker
+    tasks behind; one of them can wait forever once cancelled. Closing the
+    loop would then hang, after pytest-timeout stopped timing the failed test,
+    and hold the run until CI's own limit. Tasks still running after the
+    bound are left (the loop closes anyway) and the test's failure is reported.
+    """
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_TASKS_S))
+    if pending:
+        print(
+            f"\n{len(pending)} task(s) still running {LEFTOVER_TASKS_S:g} s after cancel; left",
+            file=sys.stderr,
+        )
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception while closing the loop",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
+
+
+asyncio.runners._cancel_all_tasks = _cancel_leftover_tasks  # type: ignore[attr-defined]
 
 # Every timeout in the suite scales from this, like websockets' MS.
 UNIT = 0.1
