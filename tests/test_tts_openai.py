@@ -340,7 +340,9 @@ async def test_a_503_is_retried_at_once_by_the_wrapper() -> None:
 
 async def test_a_429_waits_out_its_retry_after() -> None:
     """HTTP 429 with OpenAI's retry-after-ms: the wrapper waits that long (not less), then replays."""
-    wait = 3 * UNIT
+    # Long enough that the watchdog (half of it) does not run out before a
+    # loaded machine has read the 429 itself (a CI run with 3 * UNIT did).
+    wait = 6 * UNIT
     plan = FaultPlan(Fault.refuse(429, connection=1, headers={"retry-after-ms": str(int(wait * 1000))}))
     async with KIT.emulator(plan) as emulator:
         # The first-audio watchdog, shorter than the wait, must not cut it short.
