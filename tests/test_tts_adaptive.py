@@ -90,11 +90,17 @@ async def test_a_half_open_socket_on_a_fast_provider_is_caught_well_under_the_ce
             emulator.arm(Fault.stall(after_audio_chunks=2))  # goes quiet mid-sentence
         await session.say(SENTENCES[0])
         await session.run.end()
-        [(_, failure)] = session.lost
+        # The drop of the faulted connection, caught by the learned timeout. (On
+        # a loaded machine the replay's connection may also miss the learned
+        # bound of a third of a second and be replaced: a second recovery, with
+        # nothing lost or repeated, which assert_honest checks.)
+        (lost_at, failure) = session.lost[0]
         assert "learned" in failure.description
         # About the learned timeout (a third of a second); the fixed one would take 2 s.
-        assert session.detection() < CEILING / 2
-        assert session.recovered == 1
+        faulted = [c for c in emulator.connections if c.fault_at is not None]
+        assert len(faulted) == 1
+        assert lost_at - faulted[0].fault_at < CEILING / 2
+        assert session.recovered == len(session.lost)
         session.assert_honest(provider)
 
 
