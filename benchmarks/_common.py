@@ -1,12 +1,11 @@
 """Shared pieces of the benchmarks: an emulator in its own process, services, a timed run.
 
-The emulator runs in a child process (``pipecat-resilient emulate``) so that
+The emulator runs in a child process (``_remote.py``) so that
 this process's CPU time is the pipeline's alone, the same for both sides.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import statistics
 import sys
@@ -14,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from _remote import RemoteEmulator
 from loguru import logger
 from pipecat.frames.frames import Frame, TTSSpeakFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
@@ -39,27 +39,9 @@ def quiet() -> None:
 
 @contextlib.asynccontextmanager
 async def emulator_process(*, ms_per_char: float = 1.0, first_audio_delay: float = 0.0) -> AsyncIterator[str]:
-    """Run ``pipecat-resilient emulate elevenlabs`` in a child process; yield its URL."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipecat_resilient",
-        "emulate",
-        "elevenlabs",
-        "--ms-per-char",
-        str(ms_per_char),
-        "--first-audio-delay",
-        str(first_audio_delay),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 30)
-    try:
-        yield line.decode().strip()
-    finally:
-        process.terminate()
-        await process.wait()
+    """Run an ElevenLabs emulator in a child process (:class:`_remote.RemoteEmulator`); yield its URL."""
+    async with RemoteEmulator(ms_per_char=ms_per_char, first_audio_delay=first_audio_delay) as emulator:
+        yield emulator.url
 
 
 def factory(url: str, **kwargs: object) -> Callable[[], ElevenLabsTTSService]:
