@@ -618,7 +618,6 @@ class ResilientRealtimeLLM(ResilientLLM):
                 audio_from=cut.audio_from,
                 bytes_per_char=self._session.bytes_per_char,
                 hold=self._replay.continuation_hold_s,
-                now=t,
             )
 
     async def _splice_deadline(self, hosted: Hosted[LLMService], splice: Splice) -> None:

@@ -126,8 +126,6 @@ class Splice:
         bytes_per_char: The session's speech rate, learnt from whole replies,
             or None when there is none yet.
         hold: Longest the output is held, in seconds, counted from its first audio.
-        now: Current time in seconds (when the continuation began; the hold
-            counts from its first audio).
     """
 
     def __init__(
@@ -139,7 +137,6 @@ class Splice:
         audio_from: int = 0,
         bytes_per_char: float | None = None,
         hold: float = 0.3,
-        now: float = 0.0,
     ) -> None:
         """Start checking a continuation."""
         self._said = heard + tail
@@ -151,7 +148,6 @@ class Splice:
         self._audio_from = audio_from
         self._prior = bytes_per_char if bytes_per_char and bytes_per_char > 0 else None
         self._hold = hold
-        self._began = now
         self._started: float | None = None  # when the first audio was held: the hold counts from there
         self._items: list[_Item] = []
         self._audio = 0  # bytes of continuation audio held so far
@@ -196,9 +192,12 @@ class Splice:
 
     def expired(self, *, now: float) -> bool:
         """Check the hold bound; True once the splice is decided."""
-        if not self.decided and self._started is not None and now - self._started >= self._hold:
+        if not self.decided and self._hold_over(now):
             self._decide(now=now, final=True)
         return self.decided
+
+    def _hold_over(self, now: float) -> bool:
+        return self._started is not None and now - self._started >= self._hold
 
     @property
     def deadline(self) -> float | None:
@@ -290,7 +289,7 @@ class Splice:
     def _decide(self, *, now: float, final: bool) -> None:
         if self.decided:
             return
-        final = final or (self._started is not None and now - self._started >= self._hold)
+        final = final or self._hold_over(now)
         rate, exact = self.rate()
         words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(self._text)]
         # The continuation's last word is whole once whitespace follows it, or it ended.

@@ -98,7 +98,7 @@ def test_words_heard_beyond_the_cuts_transcription_are_not_dropped_unconfirmed()
 
 def test_the_hold_is_bounded() -> None:
     """No transcription comes: at the bound the audio is released as it is, nothing dropped."""
-    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, hold=0.3, now=10.0)
+    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, hold=0.3)
     splice.held("a1", Held.AUDIO, size=2400, now=10.0)
     assert not splice.expired(now=10.29)
     assert splice.expired(now=10.3)
@@ -263,7 +263,7 @@ def test_the_hold_counts_from_the_first_audio() -> None:
     to a fresh session, say). Deciding then would find nothing repeated and
     play a restart whole; the bound counts from the first audio instead.
     """
-    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, bytes_per_char=RATE, hold=0.3, now=0.0)
+    splice = Splice(heard="Once upon a time ", heard_audio=17 * RATE, bytes_per_char=RATE, hold=0.3)
     assert not splice.expired(now=1.0) and splice.deadline is None
     splice.held("a1", Held.AUDIO, size=5 * RATE, now=1.0)
     splice.held("t1", Held.TRANSCRIPT, text="Once ", now=1.0)
