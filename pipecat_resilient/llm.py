@@ -201,7 +201,9 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
             health=health,
             switch_back=switch_back,
             switch_after=switch_after,
-            **kwargs,
+            # Frames are handled in the task that pushed them: the hosted
+            # instance's queue is the only hop, as with the stock service.
+            **{"enable_direct_mode": True, **kwargs},
         )
         self._check_chain()
 

@@ -13,6 +13,7 @@ wrapper or deliberately left out.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -112,6 +113,12 @@ def events(processor: FrameProcessor, *names: str) -> dict[str, list[tuple[Any, 
 
         processor.add_event_handler(name, record)
     return seen
+
+
+def frame_queue_tasks() -> int:
+    """How many frame-queue tasks (a processor's input and process tasks) are running."""
+    handlers = ("__input_frame_task_handler", "__process_frame_task_handler")
+    return sum(1 for task in asyncio.all_tasks() if not task.done() and task.get_name().endswith(handlers))
 
 
 class ErrorLog:
@@ -305,6 +312,20 @@ async def test_llm_metrics_name_the_processor(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_the_llm_wrapper_adds_no_hop(kind: str) -> None:
+    """A frame into the LLM wrapper crosses as many queues as into the stock service."""
+    async with OpenAIEmulator() as emu:
+        async with LLMScenario(make_llm(kind, emu)) as run:
+            await run.ask("hello")
+            await run.wait_until(lambda: run.responses_ended == 1)
+            tasks = frame_queue_tasks()
+        async with LLMScenario(make_llm("stock", emu)) as run:
+            await run.ask("hello")
+            await run.wait_until(lambda: run.responses_ended == 1)
+            assert tasks == frame_queue_tasks()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_service_metadata_gets_through_a_switcher(kind: str) -> None:
     """The LLM's metadata frame reaches the aggregators from inside an ``LLMSwitcher`` (matched by name)."""
     async with OpenAIEmulator() as emu_a, OpenAIEmulator() as emu_b:
@@ -398,6 +419,20 @@ async def test_tts_properties(kind: str) -> None:
             assert tts.chunk_size == SAMPLE_RATE  # half a second of 16-bit audio
             assert tts.settings.voice == "voice-a"
             assert tts.can_generate_metrics()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_wrapper_adds_no_hop(kind: str) -> None:
+    """A frame into the wrapper crosses as many queues as into the stock service: the instance's only."""
+    async with ElevenLabsEmulator() as emulator:
+        tts = make_tts(kind, emulator)
+        async with Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE)) as run:
+            await speak_all(run, TTSSpeakFrame("Hi."), utterances=1)
+            tasks = frame_queue_tasks()
+            assert run.heard == ["Hi."]
+        async with Scenario(make_tts("stock", emulator), spc=emulator.samples_per_char(SAMPLE_RATE)) as run:
+            await speak_all(run, TTSSpeakFrame("Hi."), utterances=1)
+            assert tasks == frame_queue_tasks()
 
 
 @pytest.mark.parametrize("kind", KINDS)
