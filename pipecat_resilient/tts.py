@@ -546,10 +546,11 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
         ledger.frame_emerged(frame)
         context_id = getattr(frame, "context_id", None)
         if isinstance(frame, TTSTextFrame):
-            if frame.append_to_context and context_id in hosted.tracked_contexts:
+            if context_id in hosted.tracked_contexts:
                 # Pipecat's word (or sentence) frame: pushed when the provider's
                 # timing arrived, or forced at the context's end, audio or not.
-                # The context hears what the ledger says was heard instead.
+                # The words the ledger says were heard go instead (marked for
+                # the context or not, as the utterance's source was).
                 return
         elif isinstance(frame, InterruptionFrame):
             # The audio of what it dropped that got out before it is heard;

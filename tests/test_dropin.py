@@ -361,6 +361,21 @@ async def speak_all(run: Scenario, *frames: Any, utterances: int) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_speech_kept_out_of_the_context_is_shown_once(kind: str) -> None:
+    """``TTSSpeakFrame(append_to_context=False)``: each word goes downstream once, not for the context."""
+    async with ElevenLabsEmulator() as emulator:
+        tts = make_tts(kind, emulator)
+        async with Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE)) as run:
+            hold = TTSSpeakFrame("Please hold the line.", append_to_context=False)
+            await speak_all(run, hold, utterances=1)
+            await speak_all(run, TTSSpeakFrame("Thanks for waiting."), utterances=2)
+        shown = [mark.detail for mark in run.listener.marks if mark.kind == "text"]
+        assert shown == words("Please hold the line.", "Thanks for waiting.")
+        assert run.context_words == words("Thanks for waiting.")
+        assert run.heard == shown and run.errors == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_voice_change_between_utterances(kind: str) -> None:
     """``TTSUpdateSettingsFrame(voice=...)`` between two utterances: the second is said in the new voice."""
     async with ElevenLabsEmulator() as emulator:
