@@ -66,14 +66,15 @@ async def main(utterances: int, rounds: int, standby: bool = False, ms_per_char:
         f"{utterances} utterances x {rounds} rounds per side, emulator in its own process, no latency, "
         f"{ms_per_char:g} ms of audio per character"
     )
-    print(f"{'':22}" + "".join(f"{side:>14}" for side in SIDES))
+    width = max(14, *(len(side) + 2 for side in SIDES))
+    print(f"{'':22}" + "".join(f"{side:>{width}}" for side in SIDES))
     for label, value in (
         ("CPU per frame (us)", lambda r: r.cpu / r.frames * 1e6),
         ("wall per frame (us)", lambda r: r.wall / r.frames * 1e6),
         ("audio frames / run", lambda r: r.audio_frames),
         ("text frames / run", lambda r: r.text_frames),
     ):
-        print(f"{label:22}" + "".join(f"{median([value(r) for r in results[s]]):>14.1f}" for s in SIDES))
+        print(f"{label:22}" + "".join(f"{median([value(r) for r in results[s]]):>{width}.1f}" for s in SIDES))
     # The fastest run of each side is the least disturbed by the rest of the machine.
     best = {side: min(_per_frame(r) for r in runs_) for side, runs_ in results.items()}
     for side, values in ratios.items():
