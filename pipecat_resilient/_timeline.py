@@ -46,6 +46,9 @@ MATCH_WINDOW_CHARS = 64
 # Audio times compare with this tolerance (seconds): providers round them.
 _EPSILON_S = 1e-6
 
+# slow() not yet computed for a margin (None is a value: the rate is not known).
+_UNSET = object()
+
 # Text is kept in chunks of about this many characters.
 _CHUNK_CHARS = 512
 
@@ -343,10 +346,9 @@ class SpeakingRate:
 
     def slow(self, *, margin: float = 0.0) -> float | None:
         """A slow bound on seconds per character: the mean plus two deviations, plus ``margin`` of it."""
-        try:
-            return self._slow[margin]
-        except KeyError:
-            pass
+        value = self._slow.get(margin, _UNSET)
+        if value is not _UNSET:
+            return value  # type: ignore[return-value]
         value = None
         if self.known:
             spread = math.sqrt(max(0.0, self._m2 / self._chars))
