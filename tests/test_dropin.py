@@ -21,6 +21,7 @@ from loguru import logger
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
+    InterruptionFrame,
     LLMServiceMetadataFrame,
     LLMUpdateSettingsFrame,
     ManuallySwitchServiceFrame,
@@ -358,6 +359,31 @@ def query_of(emulator: ElevenLabsEmulator, text: str) -> list[str]:
 async def speak_all(run: Scenario, *frames: Any, utterances: int) -> None:
     await run.send(*frames)
     await run.wait_until(lambda: run.listener.stopped >= utterances, 50 * UNIT)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_interruption_mid_utterance(kind: str) -> None:
+    """``InterruptionFrame`` mid-utterance: the rest is never said, the next utterance is said whole."""
+    long = "This answer goes on for quite a while so that the caller can cut it off halfway through."
+    after = "Sure, go ahead."
+    # Audio paced at its own duration (0.9 s for the long answer): the
+    # interruption lands while most of it is still to come.
+    async with ElevenLabsEmulator(realtime=True) as emulator:
+        tts = make_tts(kind, emulator)
+        async with Scenario(tts, spc=emulator.samples_per_char(SAMPLE_RATE)) as run:
+            await run.send(TTSSpeakFrame(long))
+            await run.wait_heard(3, 50 * UNIT)
+            await run.send(InterruptionFrame())
+            heard_before = len(run.heard)
+            await speak_all(run, TTSSpeakFrame(after), utterances=1)
+            await run.wait_until(lambda: run.heard[-3:] == words(after), 50 * UNIT)
+        cut = run.heard[: -len(words(after))]
+        assert heard_before <= len(cut) < len(words(long))
+        assert cut == words(long)[: len(cut)]
+        shown = words(*(mark.detail for mark in run.listener.marks if mark.kind == "text"))
+        assert shown[-len(words(after)) :] == words(after)
+        assert len(shown) < len(words(long, after))
+        assert run.errors == []
 
 
 @pytest.mark.parametrize("kind", KINDS)
