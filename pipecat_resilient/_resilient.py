@@ -211,7 +211,7 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
         """Create the shell; validates ``retry`` and (by calling them) ``factory`` and ``fallbacks``."""
         # The stock service base class's __init__ (the shell subclasses it for
         # isinstance checks); its state is never used.
-        super().__init__(**kwargs)
+        super().__init__(**{"enable_direct_mode": self._direct_mode, **kwargs})
         if retry is None:
             retry = DEFAULT_RETRY
         if not isinstance(retry, RetryPolicy):
@@ -393,6 +393,11 @@ class ResilientProcessor(FrameProcessor, Generic[S]):
     async def _route(self, frame: Frame, direction: FrameDirection) -> None:
         """Journal and feed any frame but a StartFrame or a CancelFrame (subclasses)."""
         await self._pass(frame, direction)
+
+    # Whether frames are handled in the task that pushed them (Pipecat's direct
+    # mode): then the hosted instance's input queue is the only queue a frame
+    # crosses, as with the stock service.
+    _direct_mode = True
 
     # Whether to keep an instance built ahead of time for the next recovery
     # (subclasses whose stock services are slow to construct).

@@ -201,9 +201,7 @@ class ResilientLLM(ResilientProcessor[LLMService], LLMService):
             health=health,
             switch_back=switch_back,
             switch_after=switch_after,
-            # Frames are handled in the task that pushed them: the hosted
-            # instance's queue is the only hop, as with the stock service.
-            **{"enable_direct_mode": True, **kwargs},
+            **kwargs,
         )
         self._check_chain()
 

@@ -221,6 +221,9 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
         )
 
     _settings_frame = STTUpdateSettingsFrame
+    # The shell keeps its input queue: the hosted instance runs in direct mode
+    # instead (see _prepare_instance), so a frame still crosses one queue.
+    _direct_mode = False
     # A stock STT service can take tens of ms to build (the Deepgram SDK loads
     # the CA bundle): one is built ahead of time for the next recovery.
     _spare_instance = True

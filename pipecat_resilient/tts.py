@@ -231,9 +231,7 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             switch_back=switch_back,
             switch_after=switch_after,
             standby=standby,
-            # Frames are handled in the task that pushed them: the hosted
-            # instance's queue is the only hop, as with the stock service.
-            **{"enable_direct_mode": True, **kwargs},
+            **kwargs,
         )
         # Made when the first instance of each provider was prepared (one
         # adapter serves every instance of a provider: what it measured
