@@ -58,6 +58,11 @@ _NOT_WORD = re.compile(r"[^\w]+")
 # A whitespace-delimited token.
 _TOKEN = re.compile(r"\S+")
 
+# A whitespace character and any other one (``str.isspace``: \s is the same
+# test for text patterns).
+_SPACE = re.compile(r"\s")
+_NON_SPACE = re.compile(r"\S")
+
 # Silence: a window of audio whose samples all stay within this amplitude
 # (16-bit; about -66 dBFS: the digital silence TTS providers put between
 # sentences), in windows of this many seconds.
@@ -154,6 +159,10 @@ class Text:
 
     def next_word_start(self, position: int) -> int:
         """The index of the first non-space character at or after ``position``."""
+        if len(self._parts) == 1 and position >= 0:
+            # One chunk (a sentence): searched in place.
+            found = _NON_SPACE.search(self._parts[0], position)
+            return self._length if found is None else found.start()
         while position < self._length:
             window = self.slice(position, position + MATCH_WINDOW_CHARS)
             stripped = len(window) - len(window.lstrip())
@@ -187,6 +196,9 @@ class Text:
         """Whether ``position`` is outside a word: at either end of the text or at whitespace."""
         if position <= 0 or position >= self._length:
             return True
+        parts = self._parts
+        if len(parts) == 1:
+            return parts[0][position].isspace()
         return self.slice(position, position + 1).isspace()
 
     def words_after(self, position: int, count: int) -> int:
@@ -202,9 +214,9 @@ class Text:
         position = start
         while position < self._length:
             window = self.slice(position, position + MATCH_WINDOW_CHARS)
-            for offset, char in enumerate(window):
-                if char.isspace():
-                    return position + offset
+            space = _SPACE.search(window)
+            if space is not None:
+                return position + space.start()
             position += len(window)
         return self._length
 
@@ -234,6 +246,17 @@ class Text:
         check: it runs for every word a provider times.
         """
         end = self._length if end is None else min(end, self._length)
+        # The usual case first: the word, as written, is the next one.
+        begin = self.next_word_start(start)
+        after = begin + len(word)
+        if (
+            word
+            and after <= end
+            and self.slice(begin, after) == word
+            and self._boundary(after)
+            and (begin == 0 or self.slice(begin - 1, begin).isspace())
+        ):
+            return begin, after
         low = max(0, start - 1)
         reach = start + 2 * MATCH_WINDOW_CHARS + len(word) + 1
         chunk = self.slice(low, reach)
@@ -379,7 +402,9 @@ class Timeline:
         "_known_s",
         "_pieces",
         "_reached",
+        "_rounded",
         "_spaced_end",
+        "anchors_reached",
         "audio_s",
         "base",
         "final",
@@ -402,6 +427,11 @@ class Timeline:
         self.timed = False  # the provider reported word timings for it
         self._ahead: deque[tuple[int, float]] = deque()  # anchors the audio has not reached
         self._reached = (base, 0.0)  # the furthest anchor it has
+        self.anchors_reached = 0  # how many anchors the audio has reached so far
+        # The last position voiced_end rounded down to a word end, and where it
+        # went (asked for every piece of audio; the text before a position
+        # inside the text never changes).
+        self._rounded = (-1, base)
         # The pieces of audio from the one the furthest anchor falls in (all of
         # them, until an anchor is reached): [end, seconds, silence], the
         # silence measured only when an estimate needs it.
@@ -523,6 +553,7 @@ class Timeline:
         reached = None
         while ahead and ahead[0][1] <= audio:
             reached = self._reached = ahead.popleft()
+            self.anchors_reached += 1
         if reached is not None:
             # Audio wholly before the anchor no longer counts. The silence of
             # the piece it falls in may lie after it: counting all of it as
@@ -558,7 +589,13 @@ class Timeline:
                     position = self.text.next_word_start(position)
                 position += int(speech / slow + _EPSILON_S)
         position = min(position, self.handed_end)
-        return self.text.word_end_at_or_before(position, self.base)
+        rounded = self._rounded
+        if position == rounded[0]:
+            return rounded[1]
+        end = self.text.word_end_at_or_before(position, self.base)
+        if position < len(self.text):
+            self._rounded = (position, end)
+        return end
 
     def owes_audio(self, rate: SpeakingRate, *, slack_s: float) -> bool:
         """Whether the provider clearly owes audio for text handed to it (a stall, if none comes)."""

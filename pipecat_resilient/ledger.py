@@ -651,7 +651,14 @@ class Ledger:
         entry = self._entry(context_id)
         if entry is None or entry[0].settled and context_id not in self._interrupted:
             return None
-        entry[1].timed_words(words, self._rate, last_partial=last_partial)
+        timeline = entry[1]
+        reached = timeline.anchors_reached
+        timeline.timed_words(words, self._rate, last_partial=last_partial)
+        if timeline.anchors_reached == reached:
+            # Timings ahead of their audio (the usual order): nothing more is
+            # known to be heard until that audio goes downstream (which
+            # updates it, as a drain does before a replay is worked out).
+            return None
         return entry[0] if self._update_voiced(entry[0]) else None
 
     def context_stopped(self, context_id: str | None) -> Utterance | None:
@@ -695,6 +702,7 @@ class Ledger:
         """Every unsettled utterance's voiced text not yet given to the context (after a drain)."""
         due = []
         for utterance in self._unsettled_utterances():
+            self._update_voiced(utterance)  # (timings that came after the last audio)
             text = self.context_text(utterance)
             if text.strip():
                 due.append((utterance, text))
@@ -777,6 +785,7 @@ class Ledger:
         self._contexts.clear()
         self._interrupted.clear()
         for utterance in self._unsettled_utterances():
+            self._update_voiced(utterance)  # (timings that came after the last audio)
             utterance.flushed = False
             utterance.timelines = []
             utterance.stopped = False

@@ -541,16 +541,17 @@ class ResilientTTS(ResilientProcessor[TTSService], TTSService):
             # The most frequent frame by far: its own short path.
             await self._deliver_audio(hosted, frame)
             return
-        ledger.frame_emerged(frame)
         context_id = getattr(frame, "context_id", None)
-        if isinstance(frame, TTSTextFrame):
-            if context_id in hosted.tracked_contexts:
-                # Pipecat's word (or sentence) frame: pushed when the provider's
-                # timing arrived, or forced at the context's end, audio or not.
-                # The words the ledger says were heard go instead (marked for
-                # the context or not, as the utterance's source was).
-                return
-        elif isinstance(frame, InterruptionFrame):
+        if isinstance(frame, TTSTextFrame) and context_id in hosted.tracked_contexts:
+            # Pipecat's word (or sentence) frame for text this instance was
+            # handed (never one fed in from upstream, so never journaled):
+            # pushed when the provider's timing arrived, or forced at the
+            # context's end, audio or not. The words the ledger says were
+            # heard go instead (marked for the context or not, as the
+            # utterance's source was).
+            return
+        ledger.frame_emerged(frame)
+        if isinstance(frame, InterruptionFrame):
             # The audio of what it dropped that got out before it is heard;
             # nothing after it is.
             ledger.interruption_passed()

@@ -365,3 +365,42 @@ def test_a_timed_word_is_found_in_chunked_text_as_in_the_plain_string(
     start = data.draw(st.integers(min_value=0, max_value=len(text) - 1))
     end = data.draw(st.none() | st.integers(min_value=0, max_value=len(text)))
     assert chunked.find_token(word, start, end) == _find_in_string(text, word, start, end)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.lists(
+        st.tuples(st.sampled_from(_WORDS), st.sampled_from([1, 2, 70, 150])), min_size=1, max_size=10
+    ),
+    chunks=st.lists(st.integers(min_value=3, max_value=700), min_size=1, max_size=20),
+    data=st.data(),
+)
+def test_word_positions_in_chunked_text_are_those_of_the_plain_string(
+    tokens: list[tuple[str, int]], chunks: list[int], data: st.DataObject
+) -> None:
+    """Where the next word starts, where a word ends and where a cut rounds down to are
+    the same whether the text is kept in one chunk (a sentence) or in many."""
+    from pipecat_resilient._timeline import Text
+
+    text = "".join(token + " " * spaces for token, spaces in tokens)
+    chunked, at = Text(), 0
+    for size in chunks * (len(text) // 3 + 1):
+        if at >= len(text):
+            break
+        chunked.append(text[at : at + size])
+        at += size
+    whole = Text(text)
+    str(whole)  # joined: one chunk
+    position = data.draw(st.integers(min_value=0, max_value=len(text)))
+    floor = data.draw(st.integers(min_value=0, max_value=position))
+    next_start = next((i for i in range(position, len(text)) if not text[i].isspace()), len(text))
+    cut = position
+    if 0 < cut < len(text) and not text[cut].isspace():
+        while cut > floor and not text[cut - 1].isspace():
+            cut -= 1
+    for kept in (chunked, whole):
+        assert kept.next_word_start(position) == next_start
+        assert kept.word_end_at_or_before(position, floor) == max(cut, floor)
+        assert kept.words_after(position, 1) == next(
+            (i for i in range(next_start, len(text)) if text[i].isspace()), len(text)
+        )

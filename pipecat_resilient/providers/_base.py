@@ -122,7 +122,10 @@ def tap_messages(
                 if on_closed is not None and closed.rcvd is not None and not _we_closed(closed):
                     await _safely(service, on_closed(closed))
                 raise
-            await _safely(service, on_message(message))
+            try:  # (not through _safely: this runs for every message)
+                await on_message(message)
+            except Exception as exc:
+                logger.debug(f"{service}: message tap failed ({type(exc).__name__}: {exc})")
             return message
 
         websocket.recv = recv_tapped

@@ -31,9 +31,9 @@ from pipecat_resilient.providers._base import (
 
 __all__ = ["ElevenLabsAdapter"]
 
-# A message is read only if it may carry one of these (audio messages without
-# alignment, keepalive answers... are skipped unparsed).
-_KEYS = ('"alignment"', '"normalizedAlignment"', '"error"', '"isFinal"')
+# A message is read only if it may carry one of these keys (audio messages
+# without alignment, keepalive answers... are skipped unparsed).
+_KEYS = re.compile(r'"(?:alignment|normalizedAlignment|error|isFinal)"')
 
 
 @dataclass
@@ -60,10 +60,7 @@ class ElevenLabsAdapter(TTSAdapter):
             if not isinstance(raw, str):
                 return
             raw = _without_audio(raw)
-            for key in _KEYS:
-                if key in raw:
-                    break
-            else:
+            if _KEYS.search(raw) is None:
                 return
             message = json.loads(raw)
             context_id = message.get("contextId") or message.get("context_id")
@@ -78,7 +75,9 @@ class ElevenLabsAdapter(TTSAdapter):
             alignment = alignment or message.get("alignment") or message.get("normalizedAlignment")
             if not alignment or context_id is None:
                 return
-            clock = clocks.setdefault(context_id, _Clock())
+            clock = clocks.get(context_id)
+            if clock is None:
+                clock = clocks[context_id] = _Clock()
             words = _advance(clock, alignment)
             if words or clock.word:
                 partial: list[WordTiming] = (
@@ -110,6 +109,12 @@ def _without_audio(raw: str) -> str:
     if at < 0:
         return raw
     at += len('"audio"')
+    for lead in (':"', ': "'):
+        # The usual spellings (with and without a space): the short path.
+        if raw.startswith(lead, at):
+            at += len(lead)
+            end = raw.find('"', at)
+            return raw[:at] + raw[end:] if end >= 0 else raw
     length = len(raw)
     while at < length and raw[at] in _SPACE:
         at += 1
