@@ -402,7 +402,6 @@ class Timeline:
         "_known_s",
         "_pieces",
         "_reached",
-        "_rounded",
         "_spaced_end",
         "anchors_reached",
         "audio_s",
@@ -428,10 +427,6 @@ class Timeline:
         self._ahead: deque[tuple[int, float]] = deque()  # anchors the audio has not reached
         self._reached = (base, 0.0)  # the furthest anchor it has
         self.anchors_reached = 0  # how many anchors the audio has reached so far
-        # The last position voiced_end rounded down to a word end, and where it
-        # went (asked for every piece of audio; the text before a position
-        # inside the text never changes).
-        self._rounded = (-1, base)
         # The pieces of audio from the one the furthest anchor falls in (all of
         # them, until an anchor is reached): [end, seconds, silence], the
         # silence measured only when an estimate needs it.
@@ -589,13 +584,7 @@ class Timeline:
                     position = self.text.next_word_start(position)
                 position += int(speech / slow + _EPSILON_S)
         position = min(position, self.handed_end)
-        rounded = self._rounded
-        if position == rounded[0]:
-            return rounded[1]
-        end = self.text.word_end_at_or_before(position, self.base)
-        if position < len(self.text):
-            self._rounded = (position, end)
-        return end
+        return self.text.word_end_at_or_before(position, self.base)
 
     def owes_audio(self, rate: SpeakingRate, *, slack_s: float) -> bool:
         """Whether the provider clearly owes audio for text handed to it (a stall, if none comes)."""
