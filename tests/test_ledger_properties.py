@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipecat_resilient._timeline import Text
 from pipecat_resilient.ledger import ActionKind, Ledger, State, Utterance
 
 CHAR_S = 0.01
@@ -339,6 +340,17 @@ def _find_in_string(text: str, word: str, start: int, end: int | None) -> tuple[
     return None
 
 
+def _chunked(text: str, chunks: list[int]) -> Text:
+    """``text`` appended to a ``Text`` in pieces of the sizes ``chunks`` gives, in turn."""
+    chunked, at = Text(), 0
+    for size in chunks * (len(text) // 3 + 1):
+        if at >= len(text):
+            break
+        chunked.append(text[at : at + size])
+        at += size
+    return chunked
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     tokens=st.lists(
@@ -353,15 +365,8 @@ def test_a_timed_word_is_found_in_chunked_text_as_in_the_plain_string(
 ) -> None:
     """The one-window search over chunks finds what a search of the joined string finds,
     past runs of whitespace longer than the window and with the text ending before the next word."""
-    from pipecat_resilient._timeline import Text
-
     text = "".join(token + " " * spaces for token, spaces in tokens)
-    chunked, at = Text(), 0
-    for size in chunks * (len(text) // 3 + 1):
-        if at >= len(text):
-            break
-        chunked.append(text[at : at + size])
-        at += size
+    chunked = _chunked(text, chunks)
     start = data.draw(st.integers(min_value=0, max_value=len(text) - 1))
     end = data.draw(st.none() | st.integers(min_value=0, max_value=len(text)))
     assert chunked.find_token(word, start, end) == _find_in_string(text, word, start, end)
@@ -380,15 +385,8 @@ def test_word_positions_in_chunked_text_are_those_of_the_plain_string(
 ) -> None:
     """Where the next word starts, where a word ends and where a cut rounds down to are
     the same whether the text is kept in one chunk (a sentence) or in many."""
-    from pipecat_resilient._timeline import Text
-
     text = "".join(token + " " * spaces for token, spaces in tokens)
-    chunked, at = Text(), 0
-    for size in chunks * (len(text) // 3 + 1):
-        if at >= len(text):
-            break
-        chunked.append(text[at : at + size])
-        at += size
+    chunked = _chunked(text, chunks)
     whole = Text(text)
     str(whole)  # joined: one chunk
     position = data.draw(st.integers(min_value=0, max_value=len(text)))

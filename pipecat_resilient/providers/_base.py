@@ -122,10 +122,10 @@ def tap_messages(
                 if on_closed is not None and closed.rcvd is not None and not _we_closed(closed):
                     await _safely(service, on_closed(closed))
                 raise
-            try:  # (not through _safely: this runs for every message)
+            try:  # (not through _safely: one coroutine less for every message)
                 await on_message(message)
             except Exception as exc:
-                logger.debug(f"{service}: message tap failed ({type(exc).__name__}: {exc})")
+                _tap_failed(service, exc)
             return message
 
         websocket.recv = recv_tapped
@@ -143,7 +143,11 @@ async def _safely(service: Any, call: Awaitable[None]) -> None:
     try:
         await call
     except Exception as exc:
-        logger.debug(f"{service}: message tap failed ({type(exc).__name__}: {exc})")
+        _tap_failed(service, exc)
+
+
+def _tap_failed(service: Any, exc: Exception) -> None:
+    logger.debug(f"{service}: message tap failed ({type(exc).__name__}: {exc})")
 
 
 def failure_from_status(status: object, provider: str, what: str) -> Failure:

@@ -88,7 +88,9 @@ class ElevenLabsAdapter(TTSAdapter):
         tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
 
 
-_SPACE = " \t\n\r"
+# The opening of the audio string: the key, then the value's opening quote
+# (with JSON's whitespace around the colon, however the message is spaced).
+_AUDIO_STRING = re.compile(r'"audio"[ \t\n\r]*:[ \t\n\r]*"')
 
 # A word of an alignment: a run of characters that are not whitespace
 # (``str.isspace``, as ``\s`` is for text patterns).
@@ -102,33 +104,17 @@ def _without_audio(raw: str) -> str:
     a second time here (and scanning it for keys) would double the JSON cost
     of every message, which grows with its audio. Base64 has no quotes or
     backslashes, so the audio string ends at the next quote; a key inside a
-    JSON string would have its quotes escaped, so ``"audio"`` found is a key.
-    A message not shaped as expected is returned as it is.
+    JSON string would have its quotes escaped, and only a key is followed by
+    a colon, so ``"audio":`` found is the key. A message not shaped as
+    expected is returned as it is.
     """
-    at = raw.find('"audio"')
-    if at < 0:
-        return raw
-    at += len('"audio"')
-    for lead in (':"', ': "'):
-        # The usual spellings (with and without a space): the short path.
-        if raw.startswith(lead, at):
-            at += len(lead)
-            end = raw.find('"', at)
-            return raw[:at] + raw[end:] if end >= 0 else raw
-    length = len(raw)
-    while at < length and raw[at] in _SPACE:
-        at += 1
-    if at >= length or raw[at] != ":":
-        return raw
-    at += 1
-    while at < length and raw[at] in _SPACE:
-        at += 1
-    if at >= length or raw[at] != '"':
-        return raw  # null, or not a string
-    end = raw.find('"', at + 1)
+    found = _AUDIO_STRING.search(raw)
+    if found is None:
+        return raw  # no audio, null, or not a string
+    end = raw.find('"', found.end())
     if end < 0:
         return raw
-    return raw[: at + 1] + raw[end:]
+    return raw[: found.end()] + raw[end:]
 
 
 def _prefers_normalized(service: Any) -> bool:
