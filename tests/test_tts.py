@@ -23,7 +23,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.utils.errors import ErrorCategory
 
-from pipecat_resilient import ReplayFailed, RetryPolicy, State
+from pipecat_resilient import Failure, ReplayFailed, RetryPolicy, State
 from pipecat_resilient.testing import Fault, FaultPlan, Scenario
 
 from .conftest import ELEVENLABS, PROVIDERS, SAMPLE_RATE, UNIT, Provider, alignment
@@ -650,3 +650,22 @@ async def until_sent(emulator: object, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not emulator.connections[0].finished:  # type: ignore[attr-defined]
             await asyncio.sleep(0.002)
+
+
+async def test_a_close_is_acted_on_from_its_frame_not_after_the_tcp_close(provider: Provider) -> None:
+    """The provider's close frame starts the recovery; the end of the closing handshake is not waited for.
+
+    The emulator sends its close frame and reads no more, so the TCP
+    connection stays open until the client's own close timeout (2 s in
+    Pipecat): ``websockets`` raises in ``recv`` only then, and the stall
+    watchdog (0.3 s here) would catch the silence first. Acted on from the
+    frame, the drop is reported as the close it is.
+    """
+    plan = FaultPlan(Fault.close(1011, after_audio_chunks=4, linger=True))
+    async with provider.emulator(plan) as emulator:
+        tts = provider.resilient(emulator)
+        lost: list[Failure] = []
+        tts.add_event_handler("on_connection_lost", lambda _, failure: lost.append(failure))
+        run = await run_until_heard(emulator, tts, [TTSSpeakFrame(SENTENCE)], words(SENTENCE), utterances=1)
+        assert_honest(run, words(SENTENCE), utterances=1, provider=provider)
+        assert [failure.code for failure in lost] == [1011]

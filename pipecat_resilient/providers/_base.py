@@ -16,11 +16,13 @@ reading every message the socket receives before the stock service does
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from loguru import logger
 from websockets.exceptions import ConnectionClosedOK
+from websockets.frames import Close
 
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_status
 
@@ -90,22 +92,28 @@ class TTSAdapter:
 def tap_messages(
     service: Any,
     on_message: Callable[[str | bytes], Awaitable[None]],
-    on_closed: Callable[[ConnectionClosedOK], Awaitable[None]] | None = None,
+    on_closed: Callable[[Close], Awaitable[None]] | None = None,
 ) -> None:
     """Read every message a stock websocket service receives, before the service does.
 
     Wraps the service's ``_websocket_connect`` (every Pipecat websocket
     service opens its sockets through it) so that each socket's ``recv`` -
     which the socket's own message iterator calls - hands the message to
-    ``on_message`` first. A close the provider initiated normally (which the
-    iterator swallows, and after which some stock services quietly reconnect)
-    goes to ``on_closed``. A failing callback is logged at DEBUG and never
+    ``on_message`` first. A failing callback is logged at DEBUG and never
     disturbs the stock service.
+
+    A close the provider started (normal or not) goes to ``on_closed`` as
+    soon as its close frame is in and the stock service has taken every
+    message that came before it: one round trip sooner than the service
+    hears of it, since ``websockets`` raises in ``recv`` only once the
+    provider has also closed the TCP connection (and on a normal close, the
+    service hears nothing: it would quietly reconnect). Told once per socket;
+    a close the client started (a shutdown, a settings reconnect) is not told.
 
     Args:
         service: A stock websocket service, before it connects.
         on_message: Called with each message received.
-        on_closed: Called when the provider closes the socket normally.
+        on_closed: Called with the close frame when the provider closes the socket.
     """
     connect = getattr(service, "_websocket_connect", None)
     if connect is None:
@@ -114,13 +122,29 @@ def tap_messages(
     async def connect_tapped(*args: Any, **kwargs: Any) -> Any:
         websocket = await connect(*args, **kwargs)
         recv = websocket.recv
+        # The close frame as it comes in (``websockets`` internals; without
+        # them the close is told when ``recv`` raises, as the service hears it).
+        frames: Any = getattr(getattr(websocket, "recv_messages", None), "frames", None)
+        protocol: Any = getattr(websocket, "protocol", None)
+        early = on_closed is not None and hasattr(frames, "get_waiter") and hasattr(protocol, "close_rcvd")
+        told: list[Close] = []  # the close told to on_closed (at most one)
+        # A provider's close waiting for the service to take the messages before it.
+        pending: Close | None = None
+
+        async def tell(close: Close) -> None:
+            if not told and on_closed is not None:
+                told.append(close)
+                await _safely(service, on_closed(close))
 
         async def recv_tapped(*recv_args: Any, **recv_kwargs: Any) -> Any:
+            if pending is not None and not told and not frames:
+                # Every message before the close has been taken and handled.
+                await tell(pending)
             try:
                 message = await recv(*recv_args, **recv_kwargs)
             except ConnectionClosedOK as closed:
-                if on_closed is not None and closed.rcvd is not None and not _we_closed(closed):
-                    await _safely(service, on_closed(closed))
+                if closed.rcvd is not None and not _we_closed(closed):
+                    await tell(closed.rcvd)
                 raise
             try:  # (not through _safely: one coroutine less for every message)
                 await on_message(message)
@@ -129,6 +153,27 @@ def tap_messages(
             return message
 
         websocket.recv = recv_tapped
+        if early:
+            data_received = websocket.data_received
+            tasks: set[asyncio.Task[None]] = set()
+
+            def data_received_tapped(data: bytes) -> None:
+                nonlocal pending
+                data_received(data)
+                close = protocol.close_rcvd
+                if close is None or pending is not None or told or not protocol.close_rcvd_then_sent:
+                    return
+                if frames or frames.get_waiter is None:
+                    # The service is still on earlier messages: told at its next recv.
+                    pending = close
+                    return
+                # The service waits in recv with every earlier message handled.
+                pending = close
+                task = asyncio.get_running_loop().create_task(tell(close))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            websocket.data_received = data_received_tapped
         return websocket
 
     service._websocket_connect = connect_tapped
@@ -171,8 +216,9 @@ def failure_from_status(status: object, provider: str, what: str) -> Failure:
     return Failure(Verdict.TRANSIENT, "server", f"{provider} {what} without a status")
 
 
-async def closed_normally(closed: ConnectionClosedOK, provider: str, sink: AdapterSink) -> None:
-    """Report a normal close the provider started: the stock service would reconnect and lose the rest."""
-    rcvd = closed.rcvd
-    failure = classify_close(rcvd.code if rcvd is not None else 1000, rcvd.reason if rcvd is not None else "")
-    await sink.provider_failed(failure, None)
+async def provider_closed(close: Close, provider: str, sink: AdapterSink) -> None:
+    """Report a close the provider started.
+
+    (After a normal one, the stock service would reconnect and lose the rest.)
+    """
+    await sink.provider_failed(classify_close(close.code, close.reason), None)

@@ -20,8 +20,8 @@ from typing import Any
 from pipecat_resilient.providers._base import (
     AdapterSink,
     TTSAdapter,
-    closed_normally,
     failure_from_status,
+    provider_closed,
     tap_messages,
 )
 
@@ -58,4 +58,4 @@ class CartesiaAdapter(TTSAdapter):
                 ]
                 await sink.words_timed(context_id, timed, last_partial=False)
 
-        tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
+        tap_messages(service, on_message, lambda closed: provider_closed(closed, self.name, sink))

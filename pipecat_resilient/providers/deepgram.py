@@ -28,8 +28,8 @@ from loguru import logger
 from pipecat_resilient.providers._base import (
     AdapterSink,
     TTSAdapter,
-    closed_normally,
     failure_from_status,
+    provider_closed,
     tap_messages,
 )
 
@@ -64,4 +64,4 @@ class DeepgramAdapter(TTSAdapter):
                     status = int(found.group(1)) if found else None
                 await sink.provider_failed(failure_from_status(status, self.name, "error message"), None)
 
-        tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
+        tap_messages(service, on_message, lambda closed: provider_closed(closed, self.name, sink))

@@ -24,8 +24,8 @@ from pipecat_resilient.providers._base import (
     AdapterSink,
     TTSAdapter,
     WordTiming,
-    closed_normally,
     failure_from_status,
+    provider_closed,
     tap_messages,
 )
 
@@ -85,7 +85,7 @@ class ElevenLabsAdapter(TTSAdapter):
                 )
                 await sink.words_timed(context_id, words + partial, last_partial=bool(clock.word))
 
-        tap_messages(service, on_message, lambda closed: closed_normally(closed, self.name, sink))
+        tap_messages(service, on_message, lambda closed: provider_closed(closed, self.name, sink))
 
 
 # The opening of the audio string: the key, then the value's opening quote

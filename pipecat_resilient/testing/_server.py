@@ -281,7 +281,12 @@ class ConnectionState:
         logger.debug(
             f"{self.emulator.name}: connection {self.record.index}: {fault.kind.value} {fault.code or ''}"
         )
-        if fault.kind is FaultKind.CLOSE:
+        if fault.kind is FaultKind.CLOSE and fault.linger:
+            # The close frame goes out; the client's reply is never read.
+            self.ws.protocol.send_close(fault.code, fault.reason)
+            self.ws.send_data()
+            self.ws.transport.pause_reading()
+        elif fault.kind is FaultKind.CLOSE:
             # Closed in the background (the caller may be the reader); the
             # handler waits for it, so its own return cannot close with 1000.
             self.closing = asyncio.create_task(self.ws.close(fault.code, fault.reason))
@@ -638,8 +643,9 @@ class WebsocketEmulator(OutageSwitch):
                 with contextlib.suppress(BaseException):
                     await draining
             if state.faulted.is_set() and state.record.fault is not None:
-                if state.record.fault.kind is FaultKind.STALL:
-                    # Stay half-open until the client gives up on us.
+                fault = state.record.fault
+                if fault.kind is FaultKind.STALL or fault.kind is FaultKind.CLOSE and fault.linger:
+                    # Stay half-open (or half-closed) until the client gives up on us.
                     with contextlib.suppress(Exception):
                         await ws.wait_closed()
             state.stop_timers()

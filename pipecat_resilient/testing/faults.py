@@ -75,6 +75,8 @@ class Fault:
         status: HTTP status (REFUSE).
         headers: Response headers (REFUSE), e.g. ``{"Retry-After": "1"}``.
         seconds: Delay (DELAY_FIRST_AUDIO) or announced time left (GO_AWAY).
+        linger: CLOSE only: after its close frame the provider stops reading,
+            so the closing handshake never completes.
     """
 
     kind: FaultKind
@@ -88,6 +90,7 @@ class Fault:
     headers: Mapping[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     after_audio_received: int | None = None
+    linger: bool = False
 
     def __post_init__(self) -> None:
         triggers = [
@@ -120,8 +123,15 @@ class Fault:
         after_text_messages: int | None = None,
         after_seconds: float | None = None,
         after_audio_received: int | None = None,
+        linger: bool = False,
     ) -> Fault:
-        """Close the websocket cleanly with ``code`` and ``reason``."""
+        """Close the websocket with ``code`` and ``reason``.
+
+        With ``linger``, the provider sends its close frame and then reads
+        nothing more, so it never sees the client's reply and never closes
+        the TCP connection (a proxy that passes the close on and hangs): the
+        client's ``recv`` raises only once its own close timeout ends the wait.
+        """
         return cls(
             FaultKind.CLOSE,
             connection,
@@ -131,6 +141,7 @@ class Fault:
             code=code,
             reason=reason,
             after_audio_received=after_audio_received,
+            linger=linger,
         )
 
     @classmethod
