@@ -14,7 +14,9 @@ What is used, and why:
   stock reconnect; the failure is reported to the shell instead.
 * ``_connection_task_handler(config)`` - a connection refused before
   ``setupComplete`` raises out of it unreported; the shell hears of it.
-* ``_handle_session_ready(session)`` - when the session takes input.
+* ``_handle_session_ready(session)`` - when the session takes input; its
+  websocket (google-genai's ``_ws``) is watched for a close frame from the
+  server (:mod:`pipecat_resilient._close_watch`).
 * ``_handle_server_message(message)`` - resumption handles and ``goAway``
   (which the stock ignores).
 * ``_connect(session_resumption_handle)`` and ``_session_resumption_handle``
@@ -51,7 +53,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
+from pipecat_resilient._close_watch import watch_close
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_exception
 
 __all__ = ["GeminiLive"]
@@ -132,6 +136,11 @@ class GeminiLive:
         session_ready = service._handle_session_ready
 
         async def handle_session_ready(session: Any) -> None:
+            websocket = getattr(session, "_ws", None)
+            if websocket is not None:
+                # A close the server starts is told from its frame, once the
+                # messages before it are handled (not a round trip later).
+                watch_close(websocket, lambda close: failed(GeminiLive.closed_by_server(close)), service)
             await session_ready(session)
             await ready()
 
@@ -152,15 +161,7 @@ class GeminiLive:
         closed = error if isinstance(error, ConnectionClosed) else error.__context__
         if isinstance(closed, ConnectionClosed):
             if closed.rcvd is not None:
-                failure = classify_close(closed.rcvd.code, closed.rcvd.reason)
-                return Failure(
-                    failure.verdict,
-                    failure.category,
-                    f"{failure.description}, sent by the server",
-                    failure.code,
-                    failure.retry_after,
-                    failure.trace_id,
-                )
+                return GeminiLive.closed_by_server(closed.rcvd)
             if closed.sent is not None and closed.sent.reason == KEEPALIVE_TIMEOUT:
                 return Failure(
                     Verdict.TRANSIENT,
@@ -171,6 +172,19 @@ class GeminiLive:
                 )
         return classify_exception(error) or Failure(
             Verdict.TRANSIENT, "connectivity", f"session failed: {type(error).__name__}"
+        )
+
+    @staticmethod
+    def closed_by_server(close: Close) -> Failure:
+        """Classify a close frame the server sent."""
+        failure = classify_close(close.code, close.reason)
+        return Failure(
+            failure.verdict,
+            failure.category,
+            f"{failure.description}, sent by the server",
+            failure.code,
+            failure.retry_after,
+            failure.trace_id,
         )
 
     @staticmethod

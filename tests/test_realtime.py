@@ -768,6 +768,26 @@ async def test_a_server_1011_is_told_from_our_keepalive_timing_out(
         heard_once(run, STORY)
 
 
+async def test_a_close_from_the_server_is_acted_on_from_its_frame() -> None:
+    """The server's close frame ends the session at once; the end of the closing handshake is not waited for.
+
+    The emulator sends its close frame and reads no more: google-genai would
+    raise only when the client's close timeout ends the wait, and the reply
+    stall timeout (0.5 s here) would catch the silence first.
+    """
+    plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=4, linger=True))
+    async with GeminiLiveEmulator(script={QUESTION: STORY}, plan=plan) as emulator:
+        llm = resilient(emulator)
+        lost = losses(llm)
+        async with SessionScenario(llm, emulator.samples_per_char()) as run:
+            await run.start_conversation(QUESTION)
+            await run.wait_until(lambda: run.listener.responses_ended == 2, 50 * UNIT)
+        [failure] = lost
+        assert failure.code == 1011 and "sent by the server" in failure.description
+        heard_once(run, STORY)
+        context_is_heard(run)
+
+
 def test_bad_replay_policy_for_sessions() -> None:
     """Invalid session settings fail at construction."""
     with pytest.raises(ValueError, match="max_buffered_input_s"):

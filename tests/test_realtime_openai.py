@@ -214,6 +214,28 @@ async def test_a_cut_reply_is_recreated_as_heard_and_heard_once(fault: Fault, ho
         assert run.errors == []
 
 
+async def test_a_close_from_the_server_is_acted_on_from_its_frame() -> None:
+    """The server's close frame ends the session at once; the end of the closing handshake is not waited for.
+
+    The emulator sends its close frame and reads no more: the stock service's
+    reader would end only when the client's close timeout ends the wait, and
+    the stall timeout (0.5 s here) would catch the silence first.
+    """
+    plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=6 + 3, linger=True))
+    async with OpenAIRealtimeEmulator(
+        script={HELLO: HI, QUESTION: STORY}, plan=plan, transcript="before_audio"
+    ) as emulator:
+        llm = resilient(emulator)
+        lost = losses(llm)
+        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
+            await hello_then(run, llm, QUESTION)
+            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
+        [failure] = lost
+        assert failure.code == 1011
+        assert run.listener.heard == words(f"{HI} {STORY}")
+        assert " ".join(run.assistant_texts).split() == run.listener.heard
+
+
 async def test_transcription_behind_the_audio_repeats_only_the_last_word_it_had_not_named() -> None:
     """Transcripts after their audio: the word heard just before the cut, never transcribed, comes again."""
     async with OpenAIRealtimeEmulator(

@@ -16,7 +16,6 @@ reading every message the socket receives before the stock service does
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ from loguru import logger
 from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import Close
 
+from pipecat_resilient._close_watch import CloseWatch
 from pipecat_resilient.failures import Failure, Verdict, classify_close, classify_status
 
 __all__ = ["AdapterSink", "TTSAdapter", "WordTiming", "failure_from_status", "tap_messages"]
@@ -103,12 +103,12 @@ def tap_messages(
     disturbs the stock service.
 
     A close the provider started (normal or not) goes to ``on_closed`` as
-    soon as its close frame is in and the stock service has taken every
-    message that came before it: one round trip sooner than the service
-    hears of it, since ``websockets`` raises in ``recv`` only once the
-    provider has also closed the TCP connection (and on a normal close, the
-    service hears nothing: it would quietly reconnect). Told once per socket;
-    a close the client started (a shutdown, a settings reconnect) is not told.
+    soon as its close frame is in and the stock service has handled every
+    message that came before it (:class:`~pipecat_resilient._close_watch.CloseWatch`):
+    a round trip sooner than the service hears of it (and on a normal close,
+    the service hears nothing: it would quietly reconnect). Told once per
+    socket; a close the client started (a shutdown, a settings reconnect) is
+    not told.
 
     Args:
         service: A stock websocket service, before it connects.
@@ -122,58 +122,24 @@ def tap_messages(
     async def connect_tapped(*args: Any, **kwargs: Any) -> Any:
         websocket = await connect(*args, **kwargs)
         recv = websocket.recv
-        # The close frame as it comes in (``websockets`` internals; without
-        # them the close is told when ``recv`` raises, as the service hears it).
-        frames: Any = getattr(getattr(websocket, "recv_messages", None), "frames", None)
-        protocol: Any = getattr(websocket, "protocol", None)
-        early = on_closed is not None and hasattr(frames, "get_waiter") and hasattr(protocol, "close_rcvd")
-        told: list[Close] = []  # the close told to on_closed (at most one)
-        # A provider's close waiting for the service to take the messages before it.
-        pending: Close | None = None
-
-        async def tell(close: Close) -> None:
-            if not told and on_closed is not None:
-                told.append(close)
-                await _safely(service, on_closed(close))
+        watch = CloseWatch(websocket, on_closed or _nothing, service)
 
         async def recv_tapped(*recv_args: Any, **recv_kwargs: Any) -> Any:
-            if pending is not None and not told and not frames:
-                # Every message before the close has been taken and handled.
-                await tell(pending)
+            if watch.pending is not None and not watch.told:
+                await watch.before_recv()
             try:
                 message = await recv(*recv_args, **recv_kwargs)
             except ConnectionClosedOK as closed:
                 if closed.rcvd is not None and not _we_closed(closed):
-                    await tell(closed.rcvd)
+                    await watch.tell(closed.rcvd)
                 raise
-            try:  # (not through _safely: one coroutine less for every message)
+            try:  # (not through a helper: one coroutine less for every message)
                 await on_message(message)
             except Exception as exc:
                 _tap_failed(service, exc)
             return message
 
         websocket.recv = recv_tapped
-        if early:
-            data_received = websocket.data_received
-            tasks: set[asyncio.Task[None]] = set()
-
-            def data_received_tapped(data: bytes) -> None:
-                nonlocal pending
-                data_received(data)
-                close = protocol.close_rcvd
-                if close is None or pending is not None or told or not protocol.close_rcvd_then_sent:
-                    return
-                if frames or frames.get_waiter is None:
-                    # The service is still on earlier messages: told at its next recv.
-                    pending = close
-                    return
-                # The service waits in recv with every earlier message handled.
-                pending = close
-                task = asyncio.get_running_loop().create_task(tell(close))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-
-            websocket.data_received = data_received_tapped
         return websocket
 
     service._websocket_connect = connect_tapped
@@ -184,11 +150,8 @@ def _we_closed(closed: ConnectionClosedOK) -> bool:
     return closed.sent is not None and not closed.rcvd_then_sent
 
 
-async def _safely(service: Any, call: Awaitable[None]) -> None:
-    try:
-        await call
-    except Exception as exc:
-        _tap_failed(service, exc)
+async def _nothing(close: Close) -> None:
+    return None
 
 
 def _tap_failed(service: Any, exc: Exception) -> None:
