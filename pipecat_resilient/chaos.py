@@ -73,6 +73,7 @@ from pipecat_resilient.testing.report import account
 
 __all__ = [
     "ALL_FAULT_KINDS",
+    "EXTRA_KINDS",
     "FAULT_KINDS",
     "OUTAGE_KINDS",
     "ChaosConfig",
@@ -109,13 +110,18 @@ FAULT_KINDS: tuple[str, ...] = (
 )
 """The faults of one connection: the default mix."""
 
+EXTRA_KINDS: tuple[str, ...] = ("close-linger",)
+"""Faults only ``--mix`` schedules: ``close-linger`` is a 1011 close whose closing handshake never
+completes (a proxy passes the close frame on and hangs), so ``websockets`` raises in ``recv`` only at
+the client's close timeout (2 s in Pipecat)."""
+
 OUTAGE_KINDS: tuple[str, ...] = ("outage-refuse", "outage-stall", "outage-hang")
 """Outages: the preferred provider goes down mid-answer (its open connections cut) for a few seconds,
 answering every new connection meanwhile with a refusal (503), a stalled websocket (upgraded, then
 silent) or a handshake never answered; then it comes back. In the mix with ``--fallback`` (refuse and
 stall) or when ``--mix`` names them."""
 
-ALL_FAULT_KINDS: tuple[str, ...] = FAULT_KINDS + OUTAGE_KINDS
+ALL_FAULT_KINDS: tuple[str, ...] = FAULT_KINDS + EXTRA_KINDS + OUTAGE_KINDS
 """Every fault the bench can schedule (``--mix`` takes a comma list of these)."""
 
 FALLBACK_MIX: tuple[str, ...] = FAULT_KINDS + ("outage-refuse", "outage-stall")
@@ -336,6 +342,8 @@ def _arm(
     if kind in OUTAGE_KINDS:
         assert trigger is not None and plan.outage_seconds is not None
         trigger.arm(kind.removeprefix("outage-"), plan.outage_seconds, k)
+    elif kind == "close-linger":
+        emulator.arm(Fault.close(1011, after_audio_chunks=k, linger=True), on=on)
     elif kind.startswith("close-"):
         code = int(kind.split("-")[1])
         emulator.arm(
@@ -1369,9 +1377,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[ChaosConfig, argparse.N
         type=_fault_kinds,
         default=None,
         help=f"comma list of fault kinds (default: {','.join(FAULT_KINDS)}; with --fallback also "
-        "outage-refuse,outage-stall; and outage-hang: handshakes never answered). An outage cuts the "
-        "preferred provider mid-answer and refuses (503), stalls (upgrade, then silence) or hangs every "
-        "connection for --outage-seconds",
+        "outage-refuse,outage-stall). Also: outage-hang (handshakes never answered) and close-linger "
+        "(a 1011 close whose closing handshake never completes). An outage cuts the preferred provider "
+        "mid-answer and refuses (503), stalls (upgrade, then silence) or hangs every connection for "
+        "--outage-seconds",
     )
     parser.add_argument(
         "--realtime", action="store_true", help="pace audio in real time (dead air is meaningful)"

@@ -143,3 +143,16 @@ async def test_with_a_standby_recoveries_take_over_on_it(tmp_path) -> None:
     assert resilient["faults"] >= config.faults - 2  # a slowed first audio, and an error, may not fire
     assert resilient["standbys_used"] >= resilient["faults"] - 1
     assert "taken over by the standby" in format_table(report)
+
+
+async def test_a_close_whose_handshake_never_completes_is_recovered_like_any_close() -> None:
+    """``--mix close-linger``: a close frame, then nothing; the stock side waits out its close timeout."""
+    config = ChaosConfig(seed=3, turns=4, faults=2, interruptions=0.0, mix=("close-linger",))
+    report = await run_chaos(config)
+    resilient = report.resilient
+    assert {t.fault for t in report.schedule if t.fault} == {"close-linger"}
+    assert resilient.faults == 2
+    assert resilient.lost == [] and resilient.repeated == [] and resilient.errors == 0
+    assert report.passed
+    # The stock service hears of the close only at its close timeout: it loses words.
+    assert report.stock.lost
