@@ -14,6 +14,7 @@ import pytest
 
 from pipecat_resilient.chaos import (
     ALL_FAULT_KINDS,
+    EXTRA_KINDS,
     FALLBACK_MIX,
     FAULT_KINDS,
     OUTAGE_KINDS,
@@ -56,7 +57,7 @@ def test_outages_join_the_default_mix_only_with_a_fallback() -> None:
     assert config.mix == FALLBACK_MIX and {"outage-refuse", "outage-stall"} < set(config.mix)
     config, _ = parse_config(["--fallback", "deepgram", "--mix", "outage-hang,abort"])
     assert config.mix == ("outage-hang", "abort")
-    assert set(ALL_FAULT_KINDS) == set(FAULT_KINDS) | set(OUTAGE_KINDS)
+    assert set(ALL_FAULT_KINDS) == set(FAULT_KINDS) | set(EXTRA_KINDS) | set(OUTAGE_KINDS)
     with pytest.raises(ValueError, match="another provider"):
         ChaosConfig(fallback="elevenlabs")
     with pytest.raises(ValueError, match="unknown TTS provider"):
