@@ -91,6 +91,23 @@ async def hello_then(run: RealtimeRun, llm: ResilientLLM, text: str) -> None:
     await run.say(text)
 
 
+async def story_after_hello(
+    plan: FaultPlan, *, responses: int = 0, **options: Any
+) -> tuple[RealtimeRun, list[Failure], OpenAIRealtimeEmulator]:
+    """A greeting, then the story under ``plan`` (transcripts ahead of audio) until its last word."""
+    async with OpenAIRealtimeEmulator(
+        script={HELLO: HI, QUESTION: STORY}, plan=plan, transcript="before_audio", **options
+    ) as emulator:
+        llm = resilient(emulator)
+        lost = losses(llm)
+        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
+            await hello_then(run, llm, QUESTION)
+            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
+            if responses:
+                await run.wait_until(lambda: run.listener.responses_ended == responses, TIMEOUT)
+    return run, lost, emulator
+
+
 def created(emulator: OpenAIRealtimeEmulator, connection: int) -> list[tuple[str, str]]:
     """The items a client created on a connection, as (role or type, text)."""
     items = []
@@ -175,43 +192,32 @@ async def test_the_hold_waits_for_a_slow_continuations_first_audio() -> None:
 @pytest.mark.parametrize("fault", CUTS, ids=CUT_IDS)
 async def test_a_cut_reply_is_recreated_as_heard_and_heard_once(fault: Fault, how: str) -> None:
     """Dropped mid-reply: a fresh session gets the conversation item by item, the cut reply as heard."""
-    async with OpenAIRealtimeEmulator(
-        script={HELLO: HI, QUESTION: STORY},
-        plan=FaultPlan(fault),
-        continuation=how,  # type: ignore[arg-type]
-        transcript="before_audio",
-    ) as emulator:
-        llm = resilient(emulator)
-        lost = losses(llm)
-        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
-            await hello_then(run, llm, QUESTION)
-            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
-            await run.wait_until(lambda: run.listener.responses_ended == 3, TIMEOUT)
-        assert run.listener.heard == words(f"{HI} {STORY}")
-        assert " ".join(run.assistant_texts).split() == run.listener.heard
-        # The cut reply (begun by the server's VAD) closed; the continuation asked for.
-        assert run.listener.kinds()[5:] == [
-            "interruption",
-            "response-start",
-            "started",
-            "stopped",
-            "response-end",
-            "response-start",
-            "response-start",
-            "started",
-            "stopped",
-            "response-end",
-        ]
-        assert [failure.code for failure in lost] == [1011 if fault.kind.name == "CLOSE" else 1006]
-        assert created(emulator, 1) == [
-            ("user", HELLO),
-            ("assistant", HI),
-            ("user", QUESTION),
-            ("assistant", "Once upon a"),
-        ]
-        assert emulator.replies(1) == [GOES_ON[how]]
-        no_packed_history(emulator)
-        assert run.errors == []
+    run, lost, emulator = await story_after_hello(FaultPlan(fault), responses=3, continuation=how)
+    assert run.listener.heard == words(f"{HI} {STORY}")
+    assert " ".join(run.assistant_texts).split() == run.listener.heard
+    # The cut reply (begun by the server's VAD) closed; the continuation asked for.
+    assert run.listener.kinds()[5:] == [
+        "interruption",
+        "response-start",
+        "started",
+        "stopped",
+        "response-end",
+        "response-start",
+        "response-start",
+        "started",
+        "stopped",
+        "response-end",
+    ]
+    assert [failure.code for failure in lost] == [1011 if fault.kind.name == "CLOSE" else 1006]
+    assert created(emulator, 1) == [
+        ("user", HELLO),
+        ("assistant", HI),
+        ("user", QUESTION),
+        ("assistant", "Once upon a"),
+    ]
+    assert emulator.replies(1) == [GOES_ON[how]]
+    no_packed_history(emulator)
+    assert run.errors == []
 
 
 async def test_a_close_from_the_server_is_acted_on_from_its_frame() -> None:
@@ -222,18 +228,10 @@ async def test_a_close_from_the_server_is_acted_on_from_its_frame() -> None:
     the stall timeout (0.5 s here) would catch the silence first.
     """
     plan = FaultPlan(Fault.close(1011, "Internal error encountered.", after_audio_chunks=6 + 3, linger=True))
-    async with OpenAIRealtimeEmulator(
-        script={HELLO: HI, QUESTION: STORY}, plan=plan, transcript="before_audio"
-    ) as emulator:
-        llm = resilient(emulator)
-        lost = losses(llm)
-        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
-            await hello_then(run, llm, QUESTION)
-            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
-        [failure] = lost
-        assert failure.code == 1011
-        assert run.listener.heard == words(f"{HI} {STORY}")
-        assert " ".join(run.assistant_texts).split() == run.listener.heard
+    run, [failure], _ = await story_after_hello(plan)
+    assert failure.code == 1011
+    assert run.listener.heard == words(f"{HI} {STORY}")
+    assert " ".join(run.assistant_texts).split() == run.listener.heard
 
 
 async def test_transcription_behind_the_audio_repeats_only_the_last_word_it_had_not_named() -> None:
@@ -254,19 +252,11 @@ async def test_transcription_behind_the_audio_repeats_only_the_last_word_it_had_
 async def test_an_error_event_on_an_open_socket_is_recovered() -> None:
     """A server_error event mid-reply (the stock stops reading for good): a fresh session goes on with it."""
     plan = FaultPlan(Fault.error(SERVER_ERROR, 500, after_audio_chunks=6 + 3))
-    async with OpenAIRealtimeEmulator(
-        script={HELLO: HI, QUESTION: STORY}, plan=plan, continuation="restart", transcript="before_audio"
-    ) as emulator:
-        llm = resilient(emulator)
-        lost = losses(llm)
-        async with RealtimeRun(llm, emulator.samples_per_char()) as run:
-            await hello_then(run, llm, QUESTION)
-            await run.wait_until(lambda: run.listener.heard[-1:] == ["closed."], TIMEOUT)
-        [failure] = lost
-        assert "server_error" in failure.description and failure.category == "server"
-        assert run.listener.heard == words(f"{HI} {STORY}")
-        assert " ".join(run.assistant_texts).split() == run.listener.heard
-        assert len(emulator.connections) == 2 and run.errors == []
+    run, [failure], emulator = await story_after_hello(plan, continuation="restart")
+    assert "server_error" in failure.description and failure.category == "server"
+    assert run.listener.heard == words(f"{HI} {STORY}")
+    assert " ".join(run.assistant_texts).split() == run.listener.heard
+    assert len(emulator.connections) == 2 and run.errors == []
 
 
 async def test_the_session_is_replaced_at_a_turn_boundary_before_its_limit() -> None:
