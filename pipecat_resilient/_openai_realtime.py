@@ -143,17 +143,18 @@ class OpenAIRealtime:
 
         session_updated = service._handle_evt_session_updated
 
-        watched: list[object] = []  # the socket watched for the server's close frame
+        watched: object = None  # the socket watched for the server's close frame
 
         async def closed_by_server(close: Close) -> None:
             await report(classify_close(close.code, close.reason))
 
         async def handle_session_updated(evt: Any) -> None:
+            nonlocal watched
             websocket = service._websocket
-            if websocket is not None and (not watched or watched[0] is not websocket):
+            if websocket is not None and websocket is not watched:
                 # A close the server starts is told from its frame, once the
                 # events before it are handled (not a round trip later).
-                watched[:] = [websocket]
+                watched = websocket
                 watch_close(websocket, closed_by_server, service)
             await session_updated(evt)
             await ready()
