@@ -83,6 +83,9 @@ class STTAdapter:
     """How far before the end of the finalized audio a replay starts."""
     observes_messages = False
     """Whether every provider message is reported (a quiet provider can be told from a stalled one)."""
+    covers_audio = False
+    """Whether every result says how far into the audio it reaches (see ``AudioJournal``'s
+    ``covers_audio``)."""
     direct_audio = ""
     """The qualified name of the stock ``process_frame`` known to do nothing with
     caller audio but call ``process_audio_frame`` (which the shell may then
@@ -174,6 +177,8 @@ class DeepgramAdapter(STTAdapter):
     # next word, so a replay starts a little before it.
     replay_margin_s = 0.2
     observes_messages = True
+    # Every result, empty ones included, carries its start and duration.
+    covers_audio = True
     direct_audio = "DeepgramSTTService.process_frame"
 
     @staticmethod

@@ -30,7 +30,13 @@ it what happens and acts on what it returns:
 * :meth:`AudioJournal.overdue` tells a stalled stream from a quiet one: audio
   went in while the caller spoke (VAD), or speech not final yet went into a
   fresh connection that has said nothing since it opened (a replay into a
-  half-open socket), and nothing came back within ``stall_timeout``; words
+  half-open socket), and nothing came back within ``stall_timeout``; with a
+  provider whose results say how far into the audio they reach
+  (``covers_audio``: Deepgram), speech that a replay carried or that went in
+  before a VAD stop stays owed until a result reaches past it, each message
+  giving the provider another ``stall_timeout``, so a connection that goes
+  half-open after answering part of it is found out while the caller is
+  silent, not when the caller next speaks; words
   shown in an interim result were not finalized within ``finalize_timeout`` of
   a finalize request; or a send did not complete within ``send_timeout``;
 * a VAD stop is held back (:meth:`AudioJournal.stops_to_pass`) until the
@@ -75,6 +81,10 @@ _VAD_LEAD_S = 0.5
 # implies covers all of the speech (VAD and provider timings differ by a frame
 # or two).
 _SPEECH_END_TOLERANCE_S = 0.1
+
+# A result that reaches this close to the end of replayed speech answers it
+# (the speech VAD marks runs a little past the last word).
+_COVER_TOLERANCE_S = 0.1
 
 # The stream-to-caller map keeps at most this many segments (a new one starts
 # at each gap: muted audio, keepalive silence).
@@ -232,6 +242,12 @@ class AudioJournal:
             speech before it.
         stop_hold_timeout: Seconds a VAD stop is held back at most after it
             arrived (when the caller gives its time).
+        covers_audio: Whether every result says how far into the audio it
+            reaches (Deepgram's start and duration, empty results included).
+            A replay's speech not final is then owed an answer until a
+            result reaches past it, however many messages come before:
+            a fresh connection that answers the start of a replay and then
+            goes quiet is found out while the caller is silent too.
     """
 
     def __init__(
@@ -245,6 +261,7 @@ class AudioJournal:
         silence_guard_s: float = 0.5,
         observes_messages: bool = True,
         stop_hold_timeout: float = 5.0,
+        covers_audio: bool = False,
     ) -> None:
         """Create an empty journal in the LIVE state."""
         self.stall_timeout = stall_timeout
@@ -255,6 +272,7 @@ class AudioJournal:
         self.silence_guard_s = silence_guard_s
         self.observes_messages = observes_messages
         self.stop_hold_timeout = stop_hold_timeout
+        self.covers_audio = covers_audio
         self.state = State.LIVE
         self.heard_until = 0.0
         """Caller time up to which the provider's transcript is final."""
@@ -292,6 +310,13 @@ class AudioJournal:
         # The live connection is a fresh one (after a drop, or a new stream)
         # that has said nothing yet.
         self._fresh = False
+        # Caller time where the last replay ends (the live audio after it).
+        self._replay_until = 0.0
+        # With covers_audio: caller end of the replayed speech not final that
+        # no result has reached yet, and whether the watchdog runs for it.
+        self._owed_until: float | None = None
+        self._armed_for_owed = False
+        self._covered_until = -math.inf  # caller time the live connection's results reached
         self._dropped_s = 0.0
         self._dropped_speech_s = 0.0
         self.dropped = False
@@ -371,13 +396,45 @@ class AudioJournal:
                     if earlier.start < self._position - stop_secs - _EPSILON_S:
                         break
                     earlier.trailing = True
+            self._owe_speech_before_stop(self._position - stop_secs, now)
             unanswered = self._unanswered_at
-            if unanswered is not None and unanswered >= self._position - stop_secs - _SPEECH_END_TOLERANCE_S:
+            if (
+                unanswered is not None
+                and unanswered >= self._position - stop_secs - _SPEECH_END_TOLERANCE_S
+                and not self._armed_for_owed
+            ):
                 # What went in since the provider last spoke was the silence
                 # the VAD waited for before this stop: nothing is owed for it.
                 self._unanswered_since = self._unanswered_at = None
         self._entries.append(entry)
         return entry
+
+    def _owe_speech_before_stop(self, speech_end: float, now: float | None) -> None:
+        """With ``covers_audio``: speech sent before a VAD stop that no result reached is owed.
+
+        Without coverage, audio that went in after the provider last spoke
+        and is all within the silence the stop waited for owes nothing; but
+        the provider's last message may not have reached the speech sent
+        before it (a connection that went half-open on the last word).
+        """
+        if not self.covers_audio or self.state is not State.LIVE or self._muted:
+            return
+        reached = max(self.heard_until, self._covered_until)
+        if reached >= speech_end - _COVER_TOLERANCE_S:
+            return
+        spoke = any(
+            entry.kind is EntryKind.AUDIO and entry.speech and entry.end > reached + _EPSILON_S
+            for entry in self._entries
+        )
+        if not spoke:
+            return
+        self._owed_until = max(self._owed_until or -math.inf, speech_end)
+        if self._unanswered_since is not None:
+            self._armed_for_owed = True
+        elif now is not None and self._connection.to_caller(self._connection.position) > reached + _EPSILON_S:
+            # Sent already: owed from now.
+            self._unanswered_since, self._unanswered_at = now, reached
+            self._armed_for_owed = True
 
     def mute_accepted(self, frame: object, *, mute: bool, direction: object = None) -> Entry:
         """Take a mute or unmute at the current caller time."""
@@ -404,6 +461,18 @@ class AudioJournal:
             return
         self._connection.sent(entry.start, entry.duration)
         self._sending_since = now
+        owed = self._owed_until
+        if (
+            self.covers_audio
+            and (entry.end <= self._replay_until + _EPSILON_S or (owed is not None and entry.start < owed))
+            and self._owes(entry)
+        ):
+            # Replayed speech, or speech a VAD stop said is owed, going in now.
+            self._owed_until = max(owed or -math.inf, entry.end)
+            if self._unanswered_since is None:
+                self._unanswered_since = now
+                self._unanswered_at = entry.start
+                self._armed_for_owed = True
         if self._unanswered_since is None and (self._speaking or self._owed_by_fresh(entry)):
             # Speech went in: the provider owes a message about it (an interim
             # result, a final), whether or not the caller goes on speaking.
@@ -416,11 +485,15 @@ class AudioJournal:
         A replay after the caller stopped speaking: a healthy provider answers
         the speech in it, a half-open socket never does. Once the fresh
         connection said anything, only live speech counts (a provider may say
-        nothing about a cough).
+        nothing about a cough), unless its results say how far they reach
+        (``covers_audio``: then the replay's speech stays owed until one does).
         """
+        return self._fresh and self._owes(entry)
+
+    def _owes(self, entry: Entry) -> bool:
+        """Whether ``entry`` is speech (VAD says) not final yet, other than the silence before a stop."""
         return (
-            self._fresh
-            and self._vad_seen
+            self._vad_seen
             and entry.speech
             and not entry.trailing
             and entry.end > self.heard_until + _EPSILON_S
@@ -447,9 +520,18 @@ class AudioJournal:
         self._restore()
 
     def message_received(self, *, now: float) -> None:
-        """The provider sent a message (any message: it is alive)."""
-        self._unanswered_since = self._unanswered_at = None
+        """The provider sent a message (any message: it is alive).
+
+        Replayed speech no result has reached yet (``covers_audio``) is still
+        owed: the provider gets another ``stall_timeout`` from this message.
+        """
         self._fresh = False
+        if self._owed_until is not None:
+            self._unanswered_since, self._unanswered_at = now, self._owed_until
+            self._armed_for_owed = True
+        else:
+            self._unanswered_since = self._unanswered_at = None
+            self._armed_for_owed = False
 
     def result_received(self, words: Sequence[tuple[float, float]], *, end: float | None, final: bool) -> int:
         """A transcript result on the live connection, in stream time.
@@ -474,15 +556,26 @@ class AudioJournal:
             if (start + stop) / 2 >= boundary:
                 break
             repeats += 1
+        covered = to_caller(end) if end is not None else -math.inf
+        if mapped:
+            covered = max(covered, mapped[-1][1])
+        self._covered_until = max(self._covered_until, covered)
+        self._reached(covered)
         if final:
-            covered = to_caller(end) if end is not None else -math.inf
-            if mapped:
-                covered = max(covered, mapped[-1][1])
             self._heard(covered)
             self._turn_announced = False
         else:
             self._interim_ends = [stop for _, stop in mapped]
         return repeats
+
+    def _reached(self, until: float) -> None:
+        """A result reached caller time ``until``: replayed speech before it is answered."""
+        owed = self._owed_until
+        if owed is not None and until >= owed - _COVER_TOLERANCE_S:
+            self._owed_until = None
+            if self._armed_for_owed:
+                self._unanswered_since = self._unanswered_at = None
+                self._armed_for_owed = False
 
     def speech_reported(self, at: float) -> bool:
         """The provider says speech started at stream time ``at``.
@@ -752,6 +845,7 @@ class AudioJournal:
             raise InvalidState("the journal gave up; nothing more is accepted until it is revived")
 
     def _heard(self, until: float) -> None:
+        self._reached(until)
         if until > self.heard_until:
             self.heard_until = until
             if self._vad_seen and not self._speaking:
@@ -829,6 +923,10 @@ class AudioJournal:
         self._finalize_at = self._finalize_since = None
         self._interim_ends = []
         self._fresh = True
+        self._replay_until = self._position
+        self._owed_until = None
+        self._armed_for_owed = False
+        self._covered_until = -math.inf
 
     def _trim(self) -> None:
         """Forget what was fed and is final (up to the replay margin)."""

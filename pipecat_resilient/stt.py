@@ -576,6 +576,7 @@ class ResilientSTT(ResilientProcessor[STTService], STTService):
             margin = self._replay_margin
             self._audio.replay_margin_s = self._adapter.replay_margin_s if margin is None else margin
             self._audio.observes_messages = self._adapter.observes_messages
+            self._audio.covers_audio = self._adapter.covers_audio
             self._direct_audio = self._adapter.takes_audio_directly(service)
         # Frames are fed in order by this processor's own tasks, each processed
         # inline: no second queue and task hop per audio frame, and nothing fed

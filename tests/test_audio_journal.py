@@ -426,6 +426,88 @@ def test_a_fresh_connection_that_said_anything_owes_no_answer_to_the_replay() ->
     assert j.overdue(now=10.0) is None
 
 
+def _replay_answered_in_part(j: AudioJournal) -> None:
+    """The caller said 1 s and stopped; "I would" (0.1-0.4 s) was final; the connection died; the fresh
+    one was sent the replay from 0.3 s and answered with an interim of the first new word, then went
+    quiet (as a replacement that goes half-open a few messages in does)."""
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50, now=0.0)
+    j.result_received([(0.1, 0.2), (0.22, 0.4)], end=0.4, final=True)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2)
+    speak(j, 10, now=0.0)
+    j.connection_lost(now=5.0)
+    j.connection_restored(now=5.0)
+    for entry in j.to_feed():
+        if entry.kind is EntryKind.AUDIO:
+            j.audio_sent(entry, now=5.0)
+            j.send_finished()
+    j.message_received(now=5.1)
+    # Stream time 0 is caller 0.4 (the replay margin is 0 here): "like" at caller 0.42-0.6.
+    j.result_received([(0.02, 0.2)], end=0.2, final=False)
+
+
+def test_replayed_speech_stays_owed_until_a_result_reaches_past_it() -> None:
+    """A provider whose results say how far they reach (Deepgram): a fresh connection that answered the
+    start of the replay owes the rest of its speech, so going quiet while the caller is silent is a
+    stall, found out stall_timeout after its last message (not when the caller next speaks)."""
+    j = journal(stall_timeout=2.0, covers_audio=True)
+    _replay_answered_in_part(j)
+    assert not j.speaking
+    assert j.overdue(now=7.0) is None
+    assert "after the caller spoke" in (j.overdue(now=7.2) or "")
+
+    j = journal(stall_timeout=2.0, covers_audio=True)
+    _replay_answered_in_part(j)
+    j.message_received(now=6.0)
+    j.result_received([(0.02, 0.2), (0.25, 0.55)], end=0.6, final=False)  # reaches the speech's end
+    assert j.overdue(now=60.0) is None
+
+    j = journal(stall_timeout=2.0, covers_audio=True)
+    _replay_answered_in_part(j)
+    j.message_received(now=6.0)  # an empty result, say: alive, and the speech still owed
+    assert j.overdue(now=7.9) is None
+    assert j.overdue(now=8.1) is not None
+
+
+def _last_word_unanswered(j: AudioJournal) -> None:
+    """The caller says 1 s; the provider's last message reaches 0.6 s (it went half-open on the last
+    word, 0.7-0.95 s); the 0.2 s of silence the VAD waits for goes in after that message; VAD stop."""
+    j.vad_accepted("start", speaking=True)
+    speak(j, 50, now=0.0)
+    j.message_received(now=0.1)
+    j.result_received([(0.1, 0.3), (0.35, 0.6)], end=0.6, final=False)
+    speak(j, 10, now=0.2)
+    j.vad_accepted("stop", speaking=False, stop_secs=0.2, now=0.2)
+
+
+def test_speech_before_a_stop_that_no_result_reached_stays_owed() -> None:
+    """With coverage, the silence before a VAD stop going in after the provider's last message does not
+    mean all was answered: the last word, which no result reached, is owed, so a provider that went
+    half-open on it is a stall, found out while the caller is silent."""
+    j = journal(stall_timeout=2.0, covers_audio=True)
+    _last_word_unanswered(j)
+    assert j.overdue(now=2.1) is None
+    assert "after the caller spoke" in (j.overdue(now=2.3) or "")
+
+    j = journal(stall_timeout=2.0, covers_audio=True)
+    _last_word_unanswered(j)
+    j.message_received(now=0.3)
+    j.result_received([(0.1, 0.3), (0.35, 0.6), (0.7, 0.95)], end=1.0, final=False)
+    assert j.overdue(now=60.0) is None
+
+    j = journal(stall_timeout=2.0)  # no coverage: the silence went in last, nothing is owed
+    _last_word_unanswered(j)
+    assert j.overdue(now=60.0) is None
+
+
+def test_a_provider_whose_results_do_not_say_how_far_they_reach_is_trusted_once_it_answered() -> None:
+    """Without coverage (AssemblyAI's results carry only words) a fresh connection that said anything
+    is alive: the replay's speech may hold no word (a cough) for it to answer."""
+    j = journal(stall_timeout=2.0)
+    _replay_answered_in_part(j)
+    assert j.overdue(now=60.0) is None
+
+
 def test_a_replay_of_only_the_silence_before_a_stop_owes_nothing() -> None:
     """The silence a VAD stop waited for is not speech a fresh connection must answer, nor is audio
     before any VAD (no VAD: nobody knows what is speech)."""

@@ -554,6 +554,43 @@ async def test_a_half_open_replacement_is_found_out_while_the_caller_is_silent(p
     assert outcome.measurement.handshakes == (None, None, None)
 
 
+async def test_a_replacement_that_goes_quiet_after_answering_part_of_the_replay_is_found_out() -> None:
+    """The first connection goes half-open at "book"; the caller finishes and is silent. Its replacement
+    is sent the replay, answers its first words, then goes half-open too, before finalizing "book a
+    table.". Deepgram's results say how far into the audio they reach, so the replay's speech stays
+    owed: the stall watchdog finds the replacement out stall_timeout after its last message, although
+    the caller says nothing more (the finalize watchdog, made too slow to matter here, is not needed).
+    Without it, the turn waits for the caller's next words, and is committed with the next turn's."""
+    caller = Caller(CALL[:1], ms_per_char=MS_PER_CHAR)  # "I would like to book a table."
+    stall = message_at(DEEPGRAM, word(caller, "book", 0).start + 0.05)
+    # The replay starts before "book" (near the end of "I would like to", final): stall the replacement
+    # once it has received audio past "a", whichever way the replay was cut.
+    into_replay = message_at(DEEPGRAM, word(caller, "table.", 0).start) - message_at(
+        DEEPGRAM, word(caller, "to", 0).start
+    )
+    plan = FaultPlan(
+        Fault.stall(after_audio_received=stall),
+        Fault.stall(after_audio_received=into_replay, connection=1),
+    )
+
+    async def during(run: STTScenario, emulator: Any) -> None:
+        await run.speak(caller)
+        # Not over until the turn is: the second stall is found out 1.5 s after its last message.
+        await run.wait_until(lambda: bool(run.user_messages), TIMEOUT)
+
+    outcome = await call(
+        DEEPGRAM,
+        plan,
+        caller,
+        during=during,
+        stt_options={"finalize_timeout": TIMEOUT, "stop_hold_timeout": TIMEOUT},
+    )
+    assert_whole(outcome, caller)
+    assert outcome.interims  # the replacement answered part of the replay
+    assert len(outcome.lost) == 2 and len(outcome.recovered) == 2
+    assert all("after the caller spoke" in failure.description for failure in outcome.lost)
+
+
 # ----------------------------------------------------------------------
 # Giving up, settings, mute, the bound
 # ----------------------------------------------------------------------
