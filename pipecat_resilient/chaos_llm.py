@@ -27,6 +27,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -457,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         "--transcript", choices=("bundled", "with_audio", "before_audio", "after_audio"), default=None
     )
     parser.add_argument("--out", type=Path, default=None, help="directory for report.json")
+    # Taken as the other sides take them, so one script can run all three.
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (this side prints none)")
+    parser.add_argument("--verbose", action="store_true", help="show the services' log")
     args = parser.parse_args(argv)
     try:
         config = LLMChaosConfig(
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logger.remove()
+    if args.verbose:
+        logger.add(sys.stderr, level="DEBUG")
     report = asyncio.run(run_llm_chaos(config))
     print(format_table(report))
     if args.out is not None:

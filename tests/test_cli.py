@@ -157,6 +157,26 @@ def test_chaos_side_llm_runs_the_speech_to_speech_bench(
     assert seen == [["--provider", "openai-realtime", "--seed", "4"]]
 
 
+@pytest.mark.parametrize("side", ["tts", "llm", "stt"])
+def test_every_side_of_the_chaos_bench_takes_the_shared_options(
+    side: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One script can run all three sides with the same options: each parses them and starts."""
+
+    class Started(Exception):
+        pass
+
+    def started(coroutine: Coroutine[Any, Any, Any]) -> None:
+        coroutine.close()
+        raise Started
+
+    monkeypatch.setattr(asyncio, "run", started)
+    argv = ["--seed", "3", "--turns", "4", "--faults", "2", "--no-progress", "--verbose"]
+    with pytest.raises(Started):
+        main(["chaos", "--side", side, *argv])
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_python_dash_m_exits_2_on_a_usage_error() -> None:
     """``python -m pipecat_resilient`` hands the usage-error status 2 to the shell, with no traceback."""
     done = subprocess.run(
