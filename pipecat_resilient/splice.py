@@ -317,6 +317,17 @@ class Splice:
                 beyond = True  # not heard in full
                 break
             if not whole:
+                if index == 0:
+                    # The continuation's first word, still arriving, at the
+                    # earliest word of the cut reply it can be. More of it can
+                    # only move the alignment later, so if that word was not
+                    # heard in full, neither was any it may turn out to be:
+                    # whatever it is, it is played. Known now, not once the
+                    # word's transcription is whole (which may come well after
+                    # its audio).
+                    said = self._said_words[position][1].rstrip(_PUNCTUATION)
+                    if said_at + len(said) > point + 0.5:
+                        beyond = True
                 break  # still arriving
             repeated.append((begin, end, word))
         if not beyond and words and last_whole and start + len(words) >= len(self._said_words):

@@ -44,6 +44,23 @@ def test_a_continuation_after_the_words_heard_passes_whole() -> None:
     assert kept(splice) == (10 * RATE, "there was ") and splice.heard_late == ""
 
 
+def test_a_word_heard_in_part_is_known_to_play_from_its_first_piece() -> None:
+    """The cut reply's transcription ran ahead of its audio (as Vertex AI sends it): "there" was heard
+    only to "th". The model goes on with that word: whatever it turns out to be, it is played, so the
+    splice decides on the first piece of its transcription, not once it is whole (its audio would wait
+    for the word's whole transcription: dead air)."""
+    splice = Splice(heard="Once upon a time ", tail="there was", heard_audio=19 * RATE, hold=0.3)
+    splice.held(("audio", 0), Held.AUDIO, size=2 * RATE, now=0.0)
+    splice.held(("text", 0), Held.TRANSCRIPT, text="th", now=0.0)
+    assert splice.decided and (splice.drop_chars, splice.drop_bytes) == (0, 0)
+    assert [release.skip for release in splice.releases()] == [0, 0]
+
+    # A first piece that may still be a word heard in full (a restart's "Once") is waited for.
+    splice = Splice(heard="Once upon a time ", tail="there was", heard_audio=19 * RATE, hold=0.3)
+    splice.held(("text", 0), Held.TRANSCRIPT, text="Onc", now=0.0)
+    assert not splice.decided
+
+
 def test_a_restart_drops_exactly_the_words_heard_in_full() -> None:
     """The model said it all again: the audio and text of the words heard are dropped, the rest plays."""
     splice = cut_after(20)
