@@ -230,9 +230,9 @@ def _cut(said: str, space: int, cut: int) -> Splice:
 def test_deciding_early_decides_as_the_whole_continuation_would() -> None:
     """Fed piece by piece, transcription with or behind its audio: decided as on all of it, ended."""
     for cut in range(1, 40):
-        for transcribed in {cut, max(0, cut - 3)}:
+        for transcribed in {cut, max(0, cut - 3), cut + 6}:  # with, behind or ahead of the audio
             said = STORY[:transcribed]
-            space = said.rfind(" ") + 1
+            space = said.rfind(" ", 0, cut) + 1  # the words heard: whole within the audio
             repeat_from = STORY.rfind(" ", 0, max(0, space - 1)) + 1
             for start in (space, 0, repeat_from):  # continue, restart, repeat the last word
                 text = STORY[start:]
