@@ -560,11 +560,11 @@ class AudioJournal:
         if mapped:
             covered = max(covered, mapped[-1][1])
         self._covered_until = max(self._covered_until, covered)
-        self._reached(covered)
         if final:
-            self._heard(covered)
+            self._heard(covered)  # (reached, too)
             self._turn_announced = False
         else:
+            self._reached(covered)
             self._interim_ends = [stop for _, stop in mapped]
         return repeats
 
